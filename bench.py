@@ -1,0 +1,240 @@
+"""
+Benchmarks: our components against the transformers reference, in the same process, on the same weights.
+
+    python bench.py components                      # tiny and small presets, fp32, CPU (~5 minutes)
+    python bench.py components --presets tiny --json out/bench.json
+    python bench.py components --device cuda --dtype bfloat16   # on a GPU (MFU against --peak-tflops)
+
+For each preset it times, alternating ours and the reference (A B A B ...) and keeping the median:
+- LM training step (forward + backward, no optimizer) in tokens/s, and FLOP/s as a fraction of the
+  machine's measured matmul peak;
+- greedy decode (batch 1, 32-token prompt, 128 new tokens) in tokens/s, and as a fraction of the
+  memory-bandwidth bound (measured read bandwidth / weight bytes read per token); ours eager and with
+  the decode step compiled (`--no-compile` skips that), both in `Phi3.decode_layout()`;
+- the ViT forward in images/s, and FLOP/s as a fraction of the peak.
+transformers is needed only here and in the tests; the project itself never imports it.
+"""
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import phi3
+import vit
+
+# -----------------------------------------------------------------------------
+# machine limits
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def peak_matmul_flops(device, dtype, n=2048, reps=10):
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    return max(2 * n**3 * reps / timed(lambda: [a @ b for _ in range(reps)], device) for _ in range(3))
+
+
+def read_bandwidth(device, dtype, gb=1.0, reps=5):
+    """Bytes/s of a matrix-vector product over `gb` GB: the access pattern of batch-1 decoding."""
+    rows = int(gb * 1e9 / 4096 / torch.finfo(dtype).bits * 8)
+    w, x = torch.randn(rows, 4096, device=device, dtype=dtype), torch.randn(4096, device=device, dtype=dtype)
+    w @ x
+    best = min(timed(lambda: w @ x, device) for _ in range(reps))
+    return w.numel() * w.element_size() / best
+
+# -----------------------------------------------------------------------------
+# model pairs on the same weights
+
+
+def phi3_pair(preset, device, dtype, tmp):
+    """A random transformers Phi-3 of the preset's size, saved, and ours loaded from the same files."""
+    import transformers
+    cfg = phi3.PRESETS[preset]
+    hf_cfg = transformers.Phi3Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+        sliding_window=cfg.sliding_window, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id, rms_norm_eps=cfg.rms_norm_eps)
+    torch.manual_seed(0)
+    ref = transformers.Phi3ForCausalLM(hf_cfg)
+    ref.save_pretrained(tmp / f"phi3-{preset}")
+    ours = phi3.Phi3.from_pretrained(tmp / f"phi3-{preset}", dtype=dtype, device=device)
+    return ours, ref.to(device=device, dtype=dtype)
+
+
+def vit_pair(preset, device, dtype, tmp):
+    """A random transformers SigLIP vision tower of the preset's size, saved, and ours loaded from it."""
+    import transformers
+    c = vit.PRESETS[preset]
+    hf_cfg = transformers.SiglipVisionConfig(
+        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, image_size=c.image_size, patch_size=c.patch_size,
+        layer_norm_eps=c.layer_norm_eps, vision_use_head=False)
+    torch.manual_seed(0)
+    ref = transformers.SiglipVisionModel(hf_cfg)
+    ref.save_pretrained(tmp / f"siglip-{preset}")
+    ours = vit.ViT.from_pretrained(tmp / f"siglip-{preset}", dtype=dtype, device=device)
+    return ours, ref.to(device=device, dtype=dtype).eval()
+
+
+# -----------------------------------------------------------------------------
+# the three measurements
+
+
+def lm_flops_per_token(cfg, T):
+    """6 FLOPs per weight per token (forward + backward) plus attention scores, the nanoGPT/PaLM estimate."""
+    n = sum(cfg.hidden_size * x for x in (
+        (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim,
+        cfg.num_attention_heads * cfg.head_dim, 2 * cfg.intermediate_size, cfg.intermediate_size))
+    n = n * cfg.num_hidden_layers + cfg.vocab_size * cfg.hidden_size  # lm_head
+    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * T
+
+
+def bench_train(ours, ref, cfg, B, T, device, repeats):
+    idx = torch.randint(3, cfg.vocab_size, (B, T), device=device)
+
+    def step_ours():
+        _, loss = ours(idx, idx)
+        loss.backward()
+
+    def step_ref():
+        ref(input_ids=idx, labels=idx).loss.backward()
+
+    return alternate(step_ours, step_ref, device, repeats, B * T)
+
+
+def bench_decode(ours, ref, cfg, device, repeats, prompt=32, new=128, compile=False):
+    """Greedy batch-1 decoding, ours in its decode layout (column-major weights), optionally compiled."""
+    idx = torch.randint(3, cfg.vocab_size, (1, prompt), device=device)
+    mask = torch.ones_like(idx)
+    ours.decode_layout()
+
+    def run_ours():
+        out = ours.generate(idx, new, stop_ids=[], compile=compile)
+        assert out.shape[1] == new
+
+    def run_ref():
+        out = ref.generate(input_ids=idx, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=cfg.pad_token_id)
+        assert out.shape[1] == prompt + new
+
+    with torch.inference_mode():
+        return alternate(run_ours, run_ref, device, repeats, new)
+
+
+def bench_vit(ours, ref, c, B, device, dtype, repeats):
+    x = torch.randn(B, 3, c.image_size, c.image_size, device=device, dtype=dtype)
+    with torch.inference_mode():
+        return alternate(lambda: ours(x), lambda: ref(pixel_values=x), device, repeats, B)
+
+
+def vit_flops_per_image(c):
+    P, C, L = c.num_patches, c.hidden_size, c.num_hidden_layers
+    per_layer = 2 * P * (4 * C * C + 2 * C * c.intermediate_size) + 4 * P * P * C
+    return L * per_layer + 2 * P * C * c.num_channels * c.patch_size**2
+
+
+def alternate(a, b, device, repeats, units):
+    """Median units/s of a and b, run alternately after one warm-up each."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(timed(a, device))
+        tb.append(timed(b, device))
+    return units / statistics.median(ta), units / statistics.median(tb)
+
+# -----------------------------------------------------------------------------
+
+
+SHAPES = {"tiny": dict(train=(8, 256), vit_batch=32), "small": dict(train=(4, 256), vit_batch=8)}
+
+
+def bench_preset(preset, args, device, dtype, peak, bw, tmp):
+    cfg, shapes = phi3.PRESETS[preset], SHAPES[preset]
+    ours, ref = phi3_pair(preset, device, dtype, tmp)
+    B, T = shapes["train"]
+    tr = bench_train(ours.train(), ref.train(), cfg, B, T, device, args.repeats)
+    dec = bench_decode(ours.eval(), ref.eval(), cfg, device, args.repeats)
+    dec_c = bench_decode(ours, ref, cfg, device, args.repeats, compile=True) if args.compile else None
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in ours.named_parameters() if "embed" not in n)
+    del ours, ref
+    c = vit.PRESETS[preset]
+    vo, vr = vit_pair(preset, device, dtype, tmp)
+    vi = bench_vit(vo, vr, c, shapes["vit_batch"], device, dtype, args.repeats)
+    return {"train_tok_s": tr, "train_frac_peak": [x * lm_flops_per_token(cfg, T) / peak for x in tr],
+            "decode_tok_s": dec, "decode_frac_bound": [x * weight_bytes / bw for x in dec],
+            "decode_bound_tok_s": bw / weight_bytes,
+            **({"decode_compiled_tok_s": dec_c, "decode_compiled_frac_bound": [x * weight_bytes / bw for x in dec_c]}
+               if dec_c else {}),
+            "vit_img_s": vi, "vit_frac_peak": [x * vit_flops_per_image(c) / peak for x in vi]}
+
+
+def components(args):
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_matmul_flops(device, dtype)
+    bw = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else read_bandwidth(device, dtype)
+    print(f"device {device} {args.dtype}, {torch.get_num_threads()} threads; matmul peak {peak / 1e9:.0f} GFLOP/s, "
+          f"read bandwidth {bw / 1e9:.1f} GB/s")
+    results = {"device": str(device), "dtype": args.dtype, "peak_flops": peak, "bandwidth": bw}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for preset in args.presets:
+            r = results[preset] = bench_preset(preset, args, device, dtype, peak, bw, Path(tmp))
+            for name, key, frac, unit, what in (
+                    ("LM train fwd+bwd", "train_tok_s", "train_frac_peak", "tok/s", "of peak"),
+                    ("greedy decode b=1", "decode_tok_s", "decode_frac_bound", "tok/s", "of bound"),
+                    ("greedy decode b=1, compiled", "decode_compiled_tok_s", "decode_compiled_frac_bound",
+                     "tok/s", "of bound"),
+                    ("ViT forward", "vit_img_s", "vit_frac_peak", "img/s", "of peak")):
+                if key not in r:
+                    continue
+                (o, t), (fo, ft) = r[key], r[frac]
+                rows.append(f"| {preset} | {name} | {o:,.1f} {unit} ({fo:.0%} {what}) | {t:,.1f} {unit} ({ft:.0%}) "
+                            f"| {o / t:.2f}x |")
+    print("\n| preset | measure | ours | transformers | ours / transformers |\n|---|---|---|---|---|")
+    print("\n".join(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("components", help="vit.py and phi3.py against transformers, same weights, same inputs")
+    c.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(SHAPES),
+                   help="model sizes to time (phi3.PRESETS / vit.PRESETS)")
+    c.add_argument("--repeats", type=int, default=5, help="timed runs of each side (median kept)")
+    c.add_argument("--device", default="cpu", help="cpu or cuda")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    c.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time our decode with the torch.compile'd step (transformers stays eager)")
+    c.add_argument("--peak-tflops", type=float, default=None, help="matmul peak to use instead of measuring it")
+    c.add_argument("--bandwidth-gbs", type=float, default=None, help="read bandwidth to use instead of measuring it")
+    c.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    components(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""Make the repository root importable (the components are top-level files) and fix thread counts."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,0 +1,133 @@
+"""phi3.Tokenizer against transformers' AutoTokenizer on the same files (a SentencePiece model trained here)."""
+import io
+import json
+import random
+
+import pytest
+import sentencepiece as spm
+
+import phi3
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("google.protobuf")  # transformers needs protobuf to read tokenizer.model
+
+WORDS = ("the a of to and in is it you that he was for on are with as his they be at one have this from "
+         "or had by word but what some we can out other were all there when up use your how said an each "
+         "she which do their time if will way about many then them write would like so these her long make "
+         "thing see him two has look more day could go come did number sound no most people my over know "
+         "water than call first who may down side been now find image picture red blue green circle square "
+         "triangle left right above below count answer question assistant user system").split()
+
+PHI3_ADDED = [("<|endoftext|>", False), ("<|assistant|>", True), ("<|placeholder1|>", True),
+              ("<|placeholder2|>", True), ("<|placeholder3|>", True), ("<|placeholder4|>", True),
+              ("<|system|>", True), ("<|end|>", True), ("<|placeholder5|>", True), ("<|placeholder6|>", True),
+              ("<|user|>", True)]  # (content, rstrip) as in Phi-3's tokenizer_config.json
+XGENMM_ADDED = ["<pad>", "<image>", "<image placeholder>", "<|endofchunk|>"]
+
+TEXTS = [
+    "<|system|>\nA chat between a curious user and an artificial intelligence assistant.<|end|>\n<|user|>\n"
+    "<image>\nWhat is 12+345?<|end|>\n<|assistant|>\nIt is 357.<|end|>\n",
+    "Hello<|end|>world", "Hello <|end|> world", "<|user|>  spaced out", "a<image>b<|endofchunk|>c",
+    "<image>the red circle<|endofchunk|><image>a blue square<|endofchunk|><|endoftext|>",
+    "<|user|><|assistant|>", "ends with a special<|end|>", "   <|end|>   ", "<s>bos in text</s>",
+    "line one\nline two\n\n  indented\tand a tab\r\n", "\n\nleading newlines",
+    "1234567890 3.14159 2026-11-26 +42", "Grüße aus Köln, 東京タワー, emoji 🦊🙂, Ωμέγα, naïve café",
+    "a  b   c    d", "  leading spaces", "trailing spaces  ", "", " ", "literal ▁ metaspace",
+    "look: <|placeholder1|> x <|placeholder5|>y", "<unk> and <pad> tokens",
+]
+
+
+def write_tokenizer(d, add_bos=False, xgenmm=False):
+    random.seed(0)
+    lines = [" ".join(random.choice(WORDS) for _ in range(random.randint(3, 14))) + random.choice([".", "?", "!", ""])
+             for _ in range(3000)]
+    lines += [f"{random.randint(0, 99999)} plus {random.randint(0, 999)} is {random.randint(0, 99999)}" for _ in range(300)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=700, byte_fallback=True,
+        split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        minloglevel=2)
+    (d / "tokenizer.model").write_bytes(model.getvalue())
+    n = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+    dec = {str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                    "special": True} for i, c in enumerate(["<unk>", "<s>", "</s>"])}
+    added = [(c, r) for c, r in PHI3_ADDED] + ([(c, False) for c in XGENMM_ADDED] if xgenmm else [])
+    for k, (c, r) in enumerate(added):
+        dec[str(n + k)] = {"content": c, "lstrip": False, "normalized": False, "rstrip": r, "single_word": False,
+                           "special": True}
+    cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": add_bos, "add_eos_token": False, "legacy": False,
+           "bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>",
+           "pad_token": "<pad>" if xgenmm else "<|endoftext|>", "added_tokens_decoder": dec,
+           "clean_up_tokenization_spaces": False, "model_max_length": 4096}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "added_tokens.json").write_text(json.dumps({c: n + k for k, (c, _) in enumerate(added)}))
+    return n
+
+
+@pytest.fixture(scope="module", params=[(False, True), (True, False)], ids=["xgenmm-nobos", "phi3-bos"])
+def toks(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    add_bos, xgenmm = request.param
+    write_tokenizer(d, add_bos=add_bos, xgenmm=xgenmm)
+    return phi3.Tokenizer.from_pretrained(d), transformers.AutoTokenizer.from_pretrained(d), d
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_ids_equal_transformers(toks, text):
+    ours, ref, _ = toks
+    assert ours.encode(text) == ref.encode(text)
+
+
+def test_random_text_equals_transformers(toks):
+    ours, ref, _ = toks
+    rng = random.Random(1)
+    alphabet = list("abcdefghij ABC  \n\t0123456789.,!?-é東🙂") + ["<|end|>", "<|user|>\n", "<image>", " the "]
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert ours.encode(text) == ref.encode(text), repr(text)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_decode_equals_transformers_and_round_trips(toks, text):
+    ours, ref, _ = toks
+    ids = ref.encode(text)
+    assert ours.decode(ids) == ref.decode(ids)
+    assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    # lossy by design, as in the reference: rstrip tokens swallow whitespace, a leading space merges with the
+    # dummy prefix that decoding drops, and a literal "▁" is a space
+    lossy = any(t in text for t, r in PHI3_ADDED if r) or text.startswith(" ") or "▁" in text
+    if not lossy:
+        assert ours.decode(ours.encode(text, bos=False)) == text
+
+
+def test_special_ids_and_rstrip(toks):
+    ours, ref, _ = toks
+    assert ours.token_to_id("<|user|>") == ref.convert_tokens_to_ids("<|user|>")
+    assert ours.eos_id == ref.eos_token_id and ours.bos_id == ref.bos_token_id == 1
+    assert ours.pad_id == ref.pad_token_id
+    ids = ours.encode("<|user|>\nWhat", bos=False)
+    assert ids[0] == ours.token_to_id("<|user|>") and ours.decode(ids[1:]) == "What"
+    assert ours.encode("<|user|>What", bos=False) == ids  # rstrip swallowed the newline
+    kept = ours.encode("<|endoftext|>\nWhat", bos=False)  # rstrip false: the newline stays, as a byte piece
+    assert ours.id_to_token(kept[1]) == "<0x0A>"
+    assert len(ours) == len(ref)
+
+
+def test_add_tokens_and_save_round_trip(tmp_path):
+    n = write_tokenizer(tmp_path)
+    tok = phi3.Tokenizer.from_pretrained(tmp_path)
+    ids = tok.add_tokens(XGENMM_ADDED)
+    assert ids == [n + 11 + k for k in range(4)] and tok.add_tokens(["<image>"]) == [n + 12]
+    text = "<|user|>\n<image>\nhi<|end|>"
+    assert tok.encode(text)[1] == ids[1]
+    tok.save_pretrained(tmp_path / "saved")
+    again = phi3.Tokenizer.from_pretrained(tmp_path / "saved")
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    for t in TEXTS:
+        assert again.encode(t) == tok.encode(t) == ref.encode(t)
+
+
+def test_missing_model_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        phi3.Tokenizer.from_pretrained(tmp_path)

@@ -1,0 +1,291 @@
+"""
+The Phi-3 / xGen-MM tokenizer: SentencePiece BPE with byte fallback, plus added tokens. Re-exported as
+`phi3.Tokenizer`.
+
+It reproduces the ids of the Hub tokenizer (transformers' `LlamaTokenizer` with `legacy: false`, which is
+how Phi-3 ships):
+- Text is first split on the added tokens (leftmost, longest match). A token marked `rstrip` swallows
+  the whitespace after it, `lstrip` the whitespace before it (Phi-3 marks `<|user|>`, `<|end|>`, ... rstrip,
+  so in "<|user|>\\nHi" the newline disappears).
+- Each piece of text between added tokens is encoded by SentencePiece BPE with byte fallback. Only the
+  piece at the very start of the text gets the dummy-prefix space "▁" (unless it already starts with a
+  space); a piece after an added token does not.
+- The reference runs BPE over each whole piece of text; SentencePiece would also pre-split it at spaces.
+  So the SentencePiece model is loaded with two fields of its serialized config switched off
+  (`add_dummy_prefix`, `split_by_whitespace`) by a 30-line edit of the protobuf wire format below (the
+  reference does the same edit with the protobuf package, which this project does not need).
+- `<s>` is prepended when `add_bos_token` is true (Phi-3's current files say false).
+
+Files read: tokenizer.model, tokenizer_config.json (added_tokens_decoder, add_bos_token, special
+tokens), added_tokens.json, special_tokens_map.json.
+"""
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+
+# -----------------------------------------------------------------------------
+# editing two fields of a serialized SentencePiece model (protobuf wire format)
+
+
+def _varint(buf, i):
+    out, shift = 0, 0
+    while True:
+        b = buf[i]
+        out |= (b & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if b < 0x80:
+            return out, i
+
+
+def _encode_varint(n):
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _fields(buf):
+    """(field number, wire type, field start, field end, payload start) for each field of a message."""
+    i = 0
+    while i < len(buf):
+        start = i
+        tag, i = _varint(buf, i)
+        num, wt = tag >> 3, tag & 7
+        if wt == 0:
+            payload, i = i, _varint(buf, i)[1]
+        elif wt == 2:
+            n, payload = _varint(buf, i)
+            i = payload + n
+        elif wt in (1, 5):
+            payload, i = i, i + (8 if wt == 1 else 4)
+        else:
+            raise ValueError(f"tokenizer.model: unsupported protobuf wire type {wt}")
+        yield num, wt, start, i, payload
+
+
+def _set_bool(msg, field, value):
+    """The message with every occurrence of varint `field` dropped and `field = value` appended."""
+    kept = b"".join(msg[s:e] for num, _, s, e, _ in _fields(msg) if num != field)
+    return kept + _encode_varint(field << 3) + bytes([int(value)])
+
+
+def _edit_message(msg, field, edit):
+    """The message with the sub-message `field` replaced by edit(sub-message)."""
+    out, seen = bytearray(), False
+    for num, wt, s, e, payload in _fields(msg):
+        if num == field and wt == 2:
+            sub = edit(msg[payload:e])
+            out += _encode_varint(field << 3 | 2) + _encode_varint(len(sub)) + sub
+            seen = True
+        else:
+            out += msg[s:e]
+    if not seen:
+        sub = edit(b"")
+        out += _encode_varint(field << 3 | 2) + _encode_varint(len(sub)) + sub
+    return bytes(out)
+
+
+# field numbers from sentencepiece_model.proto
+TRAINER_SPEC, NORMALIZER_SPEC, SPLIT_BY_WHITESPACE, ADD_DUMMY_PREFIX = 2, 3, 22, 3
+
+
+def bare_processor(model_bytes):
+    """A SentencePieceProcessor that adds no dummy prefix and runs BPE over whole pieces of text."""
+    proto = _edit_message(model_bytes, NORMALIZER_SPEC, lambda m: _set_bool(m, ADD_DUMMY_PREFIX, False))
+    proto = _edit_message(proto, TRAINER_SPEC, lambda m: _set_bool(m, SPLIT_BY_WHITESPACE, False))
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto)
+    return sp
+
+# -----------------------------------------------------------------------------
+# the tokenizer
+
+
+@dataclass
+class AddedToken:
+    content: str
+    special: bool = True
+    lstrip: bool = False
+    rstrip: bool = False
+    normalized: bool = False
+    single_word: bool = False
+
+
+def _content(tok):
+    return tok["content"] if isinstance(tok, dict) else tok
+
+
+class Tokenizer:
+    def __init__(self, model_bytes, added, bos="<s>", eos="</s>", unk="<unk>", pad=None, add_bos=True,
+                 add_eos=False, legacy=False, add_prefix_space=True):
+        self.model_bytes = model_bytes
+        self.sp = bare_processor(model_bytes)
+        self.added = dict(added)  # id -> AddedToken
+        self.add_bos, self.add_eos, self.legacy, self.add_prefix_space = add_bos, add_eos, legacy, add_prefix_space
+        self.names = {"bos": bos, "eos": eos, "unk": unk, "pad": pad}
+        for name in (bos, eos, unk, pad):  # special tokens are always matched in text, as the reference does
+            if name is not None and name not in self.token_ids():
+                i = self.sp.piece_to_id(name)
+                if self.sp.id_to_piece(i) == name:
+                    self.added[i] = AddedToken(name)
+        self._build_index()
+
+    def _build_index(self):
+        self.by_content = {t.content: i for i, t in self.added.items()}
+        contents = sorted(self.by_content, key=len, reverse=True)  # longest first: leftmost-longest matching
+        self.pattern = re.compile("|".join(map(re.escape, contents))) if contents else None
+
+    def token_ids(self):
+        return {t.content: i for i, t in self.added.items()}
+
+    # ---- ids and sizes -------------------------------------------------------
+
+    def __len__(self):
+        return max(self.sp.get_piece_size() - 1, *self.added) + 1
+
+    def token_to_id(self, token):
+        if token in self.by_content:
+            return self.by_content[token]
+        i = self.sp.piece_to_id(token)
+        if self.sp.id_to_piece(i) != token:
+            raise KeyError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    def id_to_token(self, i):
+        return self.added[i].content if i in self.added else self.sp.id_to_piece(i)
+
+    def _id(self, name):
+        tok = self.names[name]
+        return None if tok is None else self.token_to_id(tok)
+
+    bos_id = property(lambda self: self._id("bos"))
+    eos_id = property(lambda self: self._id("eos"))
+    unk_id = property(lambda self: self._id("unk"))
+    pad_id = property(lambda self: self._id("pad"))
+
+    def add_tokens(self, contents, special=True):
+        """Append tokens missing from the vocabulary (ids after the current last one); returns all their ids."""
+        for c in contents:
+            if c not in self.by_content:
+                self.added[len(self)] = AddedToken(c, special=special)
+                self._build_index()
+        return [self.by_content[c] for c in contents]
+
+    # ---- encode / decode -----------------------------------------------------
+
+    def split(self, text):
+        """[(is_added, str | id, start offset)]: added tokens (with rstrip/lstrip whitespace) and text between."""
+        parts, last = [], 0
+        for m in (self.pattern.finditer(text) if self.pattern else ()):
+            s, e = m.span()
+            tok = self.added[self.by_content[m.group()]]
+            if s < last:  # inside whitespace an rstrip token already swallowed: the reference skips it too
+                continue
+            if tok.lstrip:
+                while s > last and text[s - 1].isspace():
+                    s -= 1
+            if s > last:
+                parts.append((False, text[last:s], last))
+            parts.append((True, self.by_content[m.group()], s))
+            if tok.rstrip:
+                while e < len(text) and text[e].isspace():
+                    e += 1
+            last = e
+        if last < len(text):
+            parts.append((False, text[last:], last))
+        return parts
+
+    def encode(self, text, bos=None, eos=None):
+        ids = [self.bos_id] if (self.add_bos if bos is None else bos) else []
+        for is_added, part, start in self.split(text):
+            if is_added:
+                ids.append(part)
+                continue
+            piece = part.replace(" ", "▁")
+            first = start == 0 or self.legacy  # legacy tokenizers prefix every piece
+            if first and self.add_prefix_space and not piece.startswith("▁"):  # text that starts with a space keeps it
+                piece = "▁" + piece
+            ids.extend(self.sp.encode(piece))
+        if self.add_eos if eos is None else eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        """Token strings joined, "▁" as space, byte pieces fused into UTF-8, one leading space dropped."""
+        out, pending = [], bytearray()
+        for i in (int(i) for i in ids):
+            if i in self.added:
+                if skip_special_tokens and self.added[i].special:
+                    continue
+                piece = self.added[i].content
+            else:
+                piece = self.sp.id_to_piece(i)
+                if self.sp.is_byte(i):
+                    pending.append(int(piece[3:5], 16))
+                    continue
+                if self.sp.is_control(i) and skip_special_tokens:
+                    continue
+                piece = piece.replace("▁", " ")
+            out.append(pending.decode("utf-8", errors="replace"))
+            pending.clear()
+            out.append(piece)
+        out.append(pending.decode("utf-8", errors="replace"))
+        text = "".join(out)
+        return text[1:] if self.add_prefix_space and text.startswith(" ") else text
+
+    # ---- files ---------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path):
+        path = Path(path)
+        model = path / "tokenizer.model"
+        if not model.is_file():
+            raise FileNotFoundError(f"{model}: missing; the tokenizer needs the SentencePiece tokenizer.model")
+        cfg = _read_json(path / "tokenizer_config.json")
+        special_map = _read_json(path / "special_tokens_map.json")
+        added = {int(i): AddedToken(**{k: v for k, v in t.items() if k in AddedToken.__dataclass_fields__})
+                 for i, t in cfg.get("added_tokens_decoder", {}).items()}
+        extra = set(map(_content, special_map.get("additional_special_tokens", [])))
+        for content, i in _read_json(path / "added_tokens.json").items():
+            if i in added and added[i].content != content:
+                raise ValueError(f"{path}: added_tokens.json gives id {i} to {content!r}, "
+                                 f"tokenizer_config.json to {added[i].content!r}")
+            added.setdefault(i, AddedToken(content, special=content in extra))
+
+        def special(name, default):
+            v = cfg.get(name, special_map.get(name, default))
+            return None if v is None else _content(v)
+
+        return cls(model.read_bytes(), added, bos=special("bos_token", "<s>"), eos=special("eos_token", "</s>"),
+                   unk=special("unk_token", "<unk>"), pad=special("pad_token", None),
+                   add_bos=cfg.get("add_bos_token", True), add_eos=cfg.get("add_eos_token", False),
+                   legacy=cfg.get("legacy", False) is True, add_prefix_space=cfg.get("add_prefix_space") is not False)
+
+    def save_pretrained(self, path):
+        """Write the Hub layout back: tokenizer.model, tokenizer_config.json, added_tokens.json, special_tokens_map.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "tokenizer.model").write_bytes(self.model_bytes)
+        specials = {f"{k}_token": v for k, v in self.names.items() if v is not None}
+        cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": self.add_bos, "add_eos_token": self.add_eos,
+               "legacy": self.legacy, "added_tokens_decoder": {str(i): asdict(t) for i, t in sorted(self.added.items())},
+               **specials}
+        if not self.add_prefix_space:
+            cfg["add_prefix_space"] = False
+        n = self.sp.get_piece_size()
+        _write_json(path / "tokenizer_config.json", cfg)
+        _write_json(path / "added_tokens.json", {t.content: i for i, t in sorted(self.added.items()) if i >= n})
+        _write_json(path / "special_tokens_map.json", specials)
+
+
+def _read_json(f):
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _write_json(f, obj):
+    f.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,155 @@
+"""
+The one strict checkpoint loader that vit.py, resampler.py and phi3.py (and later model.py) share.
+
+- Reads safetensors only (a single file, `model.safetensors`, or shards listed by
+  `model.safetensors.index.json`); never unpickles anything a user downloaded.
+- Lazy: tensors are memory-mapped and read on first use, so a model built on the meta device and
+  filled with `load_state_dict(assign=True)` never holds its weights twice.
+- Strict: every tensor a module expects must be taken by name with its shape checked, every tensor
+  nobody takes must be explicitly skipped, and anything else is an error that names the key (and
+  both shapes for a mismatch). Loaders never print-and-continue.
+"""
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not match the model: missing, unexpected or mis-shaped tensors."""
+
+
+def resolve_dir(path):
+    """A local checkpoint directory or file; a clear error for anything else."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{path}: no such file or directory (expected a local checkpoint "
+                              "directory with config.json and *.safetensors)")
+    return p
+
+
+def read_config(path, name="config.json"):
+    """config.json of a checkpoint directory as a dict."""
+    f = resolve_dir(path) / name
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing; a checkpoint directory needs its {name}")
+    return json.loads(f.read_text())
+
+
+class Checkpoint:
+    """Every tensor of a safetensors checkpoint (file or directory, single or sharded), read lazily.
+
+    Keys are taken by the component loaders with `take`, which checks the shape; keys the model does not
+    use are named with `skip`; `finish` raises if anything was neither taken nor skipped.
+    """
+
+    def __init__(self, path):
+        path = resolve_dir(path)
+        self.path = path
+        self.where = {}  # key -> file that holds it
+        for f in self._files(path):
+            with safe_open(f, framework="pt") as h:
+                for k in h.keys():
+                    self.where[k] = f
+        self.handles = {}
+        self.used = set()
+
+    @staticmethod
+    def _files(path):
+        if path.is_file():
+            return [path]
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({path / v for v in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"{index} lists shard {f.name}, which is missing from {path}")
+            return files
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+            hint = (f" (found {', '.join(pickles)}: pickled weights are not loaded; convert them to safetensors "
+                    "with a trusted copy of the model)") if pickles else ""
+            raise CheckpointError(f"{path}: no *.safetensors files{hint}")
+        return files
+
+    def keys(self, prefix=""):
+        return [k for k in self.where if k.startswith(prefix)]
+
+    def __contains__(self, key):
+        return key in self.where
+
+    def shape(self, key):
+        return tuple(self._handle(self.where[key]).get_slice(key).get_shape())
+
+    def _handle(self, f):
+        if f not in self.handles:
+            self.handles[f] = safe_open(f, framework="pt")
+        return self.handles[f]
+
+    def take(self, key, shape=None):
+        """The tensor stored under `key`, its shape checked against `shape` (a tuple) when given."""
+        if key not in self.where:
+            raise CheckpointError(f"{self.path}: missing tensor '{key}'"
+                                  + (f" (expected shape {tuple(shape)})" if shape is not None else ""))
+        if shape is not None and self.shape(key) != tuple(shape):
+            raise CheckpointError(f"{self.path}: tensor '{key}' has shape {self.shape(key)}, "
+                                  f"the model expects {tuple(shape)}")
+        self.used.add(key)
+        return self._handle(self.where[key]).get_tensor(key)
+
+    def skip(self, pattern):
+        """Mark every key matching the regex `pattern` (re.match) as known and deliberately unused."""
+        rx = re.compile(pattern)
+        self.used.update(k for k in self.where if rx.match(k))
+
+    def finish(self, prefix=""):
+        """Raise if any key under `prefix` was neither taken nor skipped."""
+        left = sorted(k for k in self.where if k.startswith(prefix) and k not in self.used)
+        if left:
+            shown = ", ".join(f"'{k}' {self.shape(k)}" for k in left[:8])
+            more = f" and {len(left) - 8} more" if len(left) > 8 else ""
+            raise CheckpointError(f"{self.path}: unexpected tensor(s) the model has no place for: {shown}{more}")
+
+
+def take_module(ckpt, module, prefix, names=None):
+    """Take `prefix + name` for every tensor of `module` whose checkpoint name equals ours.
+
+    Returns {our name: tensor}. `names` maps our name -> checkpoint name where they differ.
+    """
+    names = names or {}
+    return {k: ckpt.take(prefix + names.get(k, k), v.shape) for k, v in module.state_dict().items()}
+
+
+def assign(module, state, dtype=None, device=None):
+    """Fill a (meta-device) module from `state` without copying more than a dtype/device change needs.
+
+    `state` must hold exactly the module's state_dict keys with equal shapes (the Checkpoint already
+    checked names and shapes against the file; this guards the converter itself).
+    """
+    own = module.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise CheckpointError(f"{type(module).__name__}: converter produced missing {missing} / unexpected {extra}")
+    out = {}
+    for k, t in state.items():
+        if tuple(t.shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{type(module).__name__}.{k}: shape {tuple(t.shape)}, expected {tuple(own[k].shape)}")
+        want = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+        out[k] = t.to(device=device or "cpu", dtype=want)
+    module.load_state_dict(out, strict=True, assign=True)
+    return module
+
+
+def resolve_dtype(dtype):
+    """'float32' | 'bfloat16' | 'float16' | torch.dtype | None -> torch.dtype | None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
