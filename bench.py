@@ -9,9 +9,10 @@ For each preset it times, alternating ours and the reference (A B A B ...) and k
 - LM training step (forward + backward, no optimizer) in tokens/s, and FLOP/s as a fraction of the
   machine's measured matmul peak;
 - greedy decode (batch 1, 32-token prompt, 128 new tokens) in tokens/s, and as a fraction of the
-  memory-bandwidth bound (measured read bandwidth / weight bytes read per token); ours eager and with
-  the decode step compiled (`--no-compile` skips that), both in `Phi3.decode_layout()`;
+  memory-bandwidth bound (measured read bandwidth / weight bytes read per token), ours in
+  `Phi3.decode_layout()`;
 - the ViT forward in images/s, and FLOP/s as a fraction of the peak.
+Each is timed with ours eager and again with ours through torch.compile (`--no-compile` skips that).
 transformers is needed only here and in the tests; the project itself never imports it.
 """
 import argparse
@@ -107,11 +108,12 @@ def lm_flops_per_token(cfg, T):
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * T
 
 
-def bench_train(ours, ref, cfg, B, T, device, repeats):
+def bench_train(ours, ref, cfg, B, T, device, repeats, compile=False):
     idx = torch.randint(3, cfg.vocab_size, (B, T), device=device)
+    ours = torch.compile(ours) if compile else ours
 
     def step_ours():
-        _, loss = ours(idx, idx)
+        _, loss = ours(idx, idx, return_logits=False)  # the fused chunked loss, as a trainer would use it
         loss.backward()
 
     def step_ref():
@@ -139,8 +141,9 @@ def bench_decode(ours, ref, cfg, device, repeats, prompt=32, new=128, compile=Fa
         return alternate(run_ours, run_ref, device, repeats, new)
 
 
-def bench_vit(ours, ref, c, B, device, dtype, repeats):
+def bench_vit(ours, ref, c, B, device, dtype, repeats, compile=False):
     x = torch.randn(B, 3, c.image_size, c.image_size, device=device, dtype=dtype)
+    ours = torch.compile(ours) if compile else ours
     with torch.inference_mode():
         return alternate(lambda: ours(x), lambda: ref(pixel_values=x), device, repeats, B)
 
@@ -167,23 +170,30 @@ SHAPES = {"tiny": dict(train=(8, 256), vit_batch=32), "small": dict(train=(4, 25
 
 
 def bench_preset(preset, args, device, dtype, peak, bw, tmp):
-    cfg, shapes = phi3.PRESETS[preset], SHAPES[preset]
+    """{measure: [ours, transformers]} per measure; "... compiled" rows run our side through torch.compile."""
+    cfg, shapes, c = phi3.PRESETS[preset], SHAPES[preset], vit.PRESETS[preset]
+    modes = [False, True] if args.compile else [False]
     ours, ref = phi3_pair(preset, device, dtype, tmp)
     B, T = shapes["train"]
-    tr = bench_train(ours.train(), ref.train(), cfg, B, T, device, args.repeats)
-    dec = bench_decode(ours.eval(), ref.eval(), cfg, device, args.repeats)
-    dec_c = bench_decode(ours, ref, cfg, device, args.repeats, compile=True) if args.compile else None
+    r = {}
+    for comp in modes:
+        r["train" + "_compiled" * comp] = bench_train(ours.train(), ref.train(), cfg, B, T, device, args.repeats, comp)
+    ours.eval(), ref.eval()
+    for comp in modes:
+        r["decode" + "_compiled" * comp] = bench_decode(ours, ref, cfg, device, args.repeats, compile=comp)
     weight_bytes = sum(p.numel() * p.element_size() for n, p in ours.named_parameters() if "embed" not in n)
     del ours, ref
-    c = vit.PRESETS[preset]
     vo, vr = vit_pair(preset, device, dtype, tmp)
-    vi = bench_vit(vo, vr, c, shapes["vit_batch"], device, dtype, args.repeats)
-    return {"train_tok_s": tr, "train_frac_peak": [x * lm_flops_per_token(cfg, T) / peak for x in tr],
-            "decode_tok_s": dec, "decode_frac_bound": [x * weight_bytes / bw for x in dec],
-            "decode_bound_tok_s": bw / weight_bytes,
-            **({"decode_compiled_tok_s": dec_c, "decode_compiled_frac_bound": [x * weight_bytes / bw for x in dec_c]}
-               if dec_c else {}),
-            "vit_img_s": vi, "vit_frac_peak": [x * vit_flops_per_image(c) / peak for x in vi]}
+    for comp in modes:
+        r["vit" + "_compiled" * comp] = bench_vit(vo, vr, c, shapes["vit_batch"], device, dtype, args.repeats, comp)
+    util = {"train": lm_flops_per_token(cfg, T) / peak, "decode": weight_bytes / bw, "vit": vit_flops_per_image(c) / peak}
+    return {k: {"ours": v[0], "transformers": v[1], "ours_frac": v[0] * util[k.split("_")[0]],
+                "transformers_frac": v[1] * util[k.split("_")[0]]} for k, v in r.items()} | {
+        "decode_bound_tok_s": bw / weight_bytes}
+
+
+ROWS = {"train": ("LM train fwd+bwd", "tok/s", "of peak"), "decode": ("greedy decode b=1", "tok/s", "of bound"),
+        "vit": ("ViT forward", "img/s", "of peak")}
 
 
 def components(args):
@@ -197,17 +207,13 @@ def components(args):
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for preset in args.presets:
             r = results[preset] = bench_preset(preset, args, device, dtype, peak, bw, Path(tmp))
-            for name, key, frac, unit, what in (
-                    ("LM train fwd+bwd", "train_tok_s", "train_frac_peak", "tok/s", "of peak"),
-                    ("greedy decode b=1", "decode_tok_s", "decode_frac_bound", "tok/s", "of bound"),
-                    ("greedy decode b=1, compiled", "decode_compiled_tok_s", "decode_compiled_frac_bound",
-                     "tok/s", "of bound"),
-                    ("ViT forward", "vit_img_s", "vit_frac_peak", "img/s", "of peak")):
-                if key not in r:
-                    continue
-                (o, t), (fo, ft) = r[key], r[frac]
-                rows.append(f"| {preset} | {name} | {o:,.1f} {unit} ({fo:.0%} {what}) | {t:,.1f} {unit} ({ft:.0%}) "
-                            f"| {o / t:.2f}x |")
+            for key in ("train", "train_compiled", "decode", "decode_compiled", "vit", "vit_compiled"):
+                if key in r:
+                    (name, unit, what), x = ROWS[key.split("_")[0]], r[key]
+                    name += ", ours compiled" if key.endswith("compiled") else ""
+                    rows.append(f"| {preset} | {name} | {x['ours']:,.1f} {unit} ({x['ours_frac']:.0%} {what}) | "
+                                f"{x['transformers']:,.1f} {unit} ({x['transformers_frac']:.0%}) | "
+                                f"{x['ours'] / x['transformers']:.2f}x |")
     print("\n| preset | measure | ours | transformers | ours / transformers |\n|---|---|---|---|---|")
     print("\n".join(rows))
     if args.json:
@@ -226,7 +232,8 @@ def main():
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     c.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time our decode with the torch.compile'd step (transformers stays eager)")
+                   help="also time ours through torch.compile (the decode step, the training step, the ViT); "
+                        "transformers stays eager, as users run it")
     c.add_argument("--peak-tflops", type=float, default=None, help="matmul peak to use instead of measuring it")
     c.add_argument("--bandwidth-gbs", type=float, default=None, help="read bandwidth to use instead of measuring it")
     c.add_argument("--json", default=None, help="also write the figures to this JSON file")

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import weights
+from fused import linear_cross_entropy
 from tokenizer import Tokenizer  # noqa: F401  (phi3.Tokenizer: the tokenizer lives in tokenizer.py)
 
 # -----------------------------------------------------------------------------
@@ -127,20 +128,19 @@ def rope_inv_freq(cfg, long=False):
     return inv_freq / ext, scale
 
 
-def rope_cos_sin(cfg, pos, dtype, inv_freq, long_freq=None):
+def rope_cos_sin(cfg, pos, dtype, inv_freq, long_freq, scale):
     """cos, sin of shape (B, T, head_dim) for integer positions (B, T)."""
     if long_freq is not None:
         # reference rule: the long factors apply to the whole call once max(position)+1 passes the original length
         inv_freq = torch.where(pos.max() + 1 > cfg.original_max_position_embeddings, long_freq, inv_freq)
     freqs = pos[..., None].float() * inv_freq  # (B, T, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)
-    scale = rope_inv_freq(cfg)[1] if cfg.rope_scaling is not None else 1.0
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, T, n_heads, head_dim); cos/sin: (B, T, head_dim). Rotate-half layout."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    """x: (B, n_heads, T, head_dim); cos/sin: (B, T, head_dim). Rotate-half layout."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -170,10 +170,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # in fp32 whatever the activation dtype, then back (as the reference does); four plain ops are
-        # faster on CPU than F.rms_norm's composite kernel at decode sizes
-        h = x.float()
-        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # in fp32 whatever the activation dtype, then back, as the reference does
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -202,11 +200,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, input_pos):
         B, T, _ = x.shape
-        qkv = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv, self.cfg.head_dim)
-        qk = apply_rope(qkv[:, :, : self.n_head + self.n_kv], cos, sin)  # q and k heads rotated in one go
-        q, k = qk.split((self.n_head, self.n_kv), dim=2)
-        v = qkv[:, :, self.n_head + self.n_kv:]
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        qkv = self.qkv_proj(x).view(B, T, -1, self.cfg.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
+        # q and k heads rotated in one go; the result is contiguous in the layout attention reads
+        q, k = apply_rope(qkv[:, : self.n_head + self.n_kv], cos, sin).split((self.n_head, self.n_kv), dim=1)
+        v = qkv[:, self.n_head + self.n_kv:]
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         if self.n_kv != self.n_head:
@@ -259,17 +256,18 @@ class Phi3(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.gradient_checkpointing = False
-        self._inv_freq = {}
+        self._rope = {}
         self.cache_valid = None   # (B, max_len) bool: which cache slots hold real tokens (not left padding)
         self.cache_offset = None  # (B,) left-padding length per row: position = slot - offset
 
-    def inv_freq(self, device):
-        """RoPE inverse frequencies (short, long or None), computed once per device: plain attributes, not
-        buffers, so a model built on the meta device needs nothing re-initialised after loading."""
-        if device not in self._inv_freq:
-            long = rope_inv_freq(self.config, long=True)[0].to(device) if self.config.rope_scaling else None
-            self._inv_freq[device] = (rope_inv_freq(self.config)[0].to(device), long)
-        return self._inv_freq[device]
+    def rope_freqs(self, device):
+        """(inverse frequencies, LongRoPE's long ones or None, cos/sin scale), computed once per device: plain
+        attributes, not buffers, so a model built on the meta device needs nothing re-initialised."""
+        if device not in self._rope:
+            (short, scale), cfg = rope_inv_freq(self.config), self.config
+            long = rope_inv_freq(cfg, long=True)[0].to(device) if cfg.rope_scaling else None
+            self._rope[device] = (short.to(device), long, scale)
+        return self._rope[device]
 
     def init_weights(self, std=0.02):
         """Fresh initialisation (normal(0, std) linears and embeddings, unit norms), as the reference's _init_weights."""
@@ -285,13 +283,14 @@ class Phi3(nn.Module):
     # ---- forward -------------------------------------------------------------
 
     def forward(self, idx=None, labels=None, *, embeds=None, attention_mask=None, input_pos=None,
-                last_only=False, reduction="mean"):
+                last_only=False, reduction="mean", return_logits=True):
         """Logits (B, T, V) for token ids (B, T) or input embeddings (B, T, C); with `labels` also the loss.
 
         Training / scoring (no cache): `attention_mask` (B, T), 1 = token, 0 = padding, allows padded
         batches on either side (positions then count real tokens only). `labels` are aligned with the
         inputs (shifted here); -100 is ignored; `reduction` "sum" lets a caller normalise over a whole
-        optimiser step. Decoding: after `setup_cache`, `input_pos` (T,) are the cache slots written.
+        optimiser step; `return_logits=False` returns (None, loss) from the fused chunked loss, which never
+        builds the (B, T, V) logits. Decoding: after `setup_cache`, `input_pos` (T,) are the slots written.
         """
         x = self.model.embed_tokens(idx) if embeds is None else embeds
         B, T, _ = x.shape
@@ -310,7 +309,7 @@ class Phi3(nn.Module):
             binding = cfg.sliding_window is not None and T > cfg.sliding_window
             mask = make_mask(slots, slots, None, cfg.sliding_window) if binding else None
             pos = slots[None, :].expand(B, T)
-        cos, sin = rope_cos_sin(cfg, pos, x.dtype, *self.inv_freq(x.device))
+        cos, sin = rope_cos_sin(cfg, pos, x.dtype, *self.rope_freqs(x.device))
         if self.training and cfg.embd_pdrop > 0:
             x = F.dropout(x, cfg.embd_pdrop, True)
         for block in self.model.layers:
@@ -319,33 +318,36 @@ class Phi3(nn.Module):
             else:
                 x = block(x, cos, sin, mask, input_pos)
         x = self.model.norm(x[:, -1:] if last_only else x)
+        if labels is not None and not return_logits:
+            w, b = self.head_weights()
+            return None, linear_cross_entropy(x, w, b, shift_labels(labels), reduction)
         logits = self.logits(x)
         if labels is None:
             return logits
         return logits, lm_loss(logits, labels, reduction)
 
+    def head_weights(self):
+        """lm_head's weight and bias, restricted to the first `output_vocab_size` rows when the config asks."""
+        n, w, b = self.config.output_vocab_size, self.lm_head.weight, self.lm_head.bias
+        return (w, b) if n is None else (w[:n], None if b is None else b[:n])
+
     def logits(self, x):
-        """lm_head, restricted to the first `output_vocab_size` rows when the config asks (no wasted rows)."""
-        n = self.config.output_vocab_size
-        if n is None:
-            return self.lm_head(x)
-        b = self.lm_head.bias
-        return F.linear(x, self.lm_head.weight[:n], None if b is None else b[:n])
+        return F.linear(x, *self.head_weights())
 
     # ---- decoding ------------------------------------------------------------
 
     def decode_layout(self, enable=True):
-        """Store each Linear weight column-major (a contiguous transpose, viewed back as (out, in)), or undo it.
+        """Lay out each wide Linear weight column-major (a contiguous transpose viewed back as (out, in)).
 
         Batch-1 decoding is one matrix-vector product per weight, bound by how fast the weights stream
-        from memory. Read column-major, x @ W.T walks memory in the kernel's fast direction: on our 2-core
-        CPU a decode-shaped sweep went from 16.5 to 22 GB/s and the compiled tiny decode step ran 2x faster.
-        Names, shapes and values are unchanged. Training GEMMs are ~15% slower in this layout, so it is
-        opt-in, for sampling; `decode_layout(False)` restores the usual layout (do that before saving:
-        safetensors writes contiguous tensors only).
+        from memory, and the CPU kernels stream fastest along the longer side of the matrix: measured on
+        our 2-core machine, qkv_proj / gate_up_proj / lm_head (out > in) ran at 19-25 GB/s column-major
+        against 13-16 GB/s as stored; down_proj (in > out) is faster as stored, so it stays. Names, shapes
+        and values are unchanged. Training GEMMs are ~15% slower in this layout, so it is opt-in, for
+        sampling; `decode_layout(False)` restores it (do that before saving: safetensors wants contiguous).
         """
         for m in self.modules():
-            if isinstance(m, nn.Linear) and (m.weight.stride(0) == 1) != enable:
+            if isinstance(m, nn.Linear) and m.out_features > m.in_features:
                 w = m.weight.data
                 m.weight.data = w.t().contiguous().t() if enable else w.contiguous()
         return self
@@ -424,7 +426,8 @@ class Phi3(nn.Module):
                 if bool(done.all()) or i == max_new_tokens - 1:
                     break
                 pos = T + i
-                if self._rope_switches_at(pos):  # LongRoPE: every cached key must be recomputed with long factors
+                if cfg.rope_scaling and pos - int(self.cache_offset.min()) == cfg.original_max_position_embeddings:
+                    # LongRoPE switches to its long factors here: recompute every cached key, as the reference does
                     all_embeds = torch.cat([embeds, self.model.embed_tokens(torch.stack(fed, 1))], 1)
                     logits = self.forward(embeds=all_embeds, input_pos=torch.arange(pos + 1, device=device))[:, -1]
                 else:
@@ -432,14 +435,6 @@ class Phi3(nn.Module):
             return torch.stack(out, dim=1)
         finally:
             self.clear_cache()
-
-    def _rope_switches_at(self, pos):
-        """True when slot `pos` is the first whose length passes LongRoPE's original window (per row offsets aside)."""
-        if self.config.rope_scaling is None:
-            return False
-        last = pos - self.cache_offset  # the row's own position of this token
-        return bool(((last + 1 > self.config.original_max_position_embeddings)
-                     & (last <= self.config.original_max_position_embeddings)).any())
 
     # ---- loading -------------------------------------------------------------
 
@@ -464,13 +459,14 @@ def convert_checkpoint(ckpt, prefix, model):
     return weights.take_module(ckpt, model, prefix)
 
 
-def lm_loss(logits, labels, reduction="mean"):
-    """Next-token cross-entropy: position t predicts labels[t+1]; -100 is ignored. Computed in fp32.
+def shift_labels(labels):
+    """Position t predicts labels[t+1]: shift the labels (not the logits, which a slice would copy)."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
 
-    The labels are shifted (padded with -100), not the logits: slicing (B, T, V) logits would copy them.
-    """
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+
+def lm_loss(logits, labels, reduction="mean"):
+    """Next-token cross-entropy in fp32; -100 is ignored."""
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), shift_labels(labels).reshape(-1),
                            ignore_index=-100, reduction=reduction)
 
 

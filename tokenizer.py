@@ -129,7 +129,7 @@ class Tokenizer:
         self.add_bos, self.add_eos, self.legacy, self.add_prefix_space = add_bos, add_eos, legacy, add_prefix_space
         self.names = {"bos": bos, "eos": eos, "unk": unk, "pad": pad}
         for name in (bos, eos, unk, pad):  # special tokens are always matched in text, as the reference does
-            if name is not None and name not in self.token_ids():
+            if name is not None and name not in {t.content for t in self.added.values()}:
                 i = self.sp.piece_to_id(name)
                 if self.sp.id_to_piece(i) == name:
                     self.added[i] = AddedToken(name)
@@ -139,9 +139,6 @@ class Tokenizer:
         self.by_content = {t.content: i for i, t in self.added.items()}
         contents = sorted(self.by_content, key=len, reverse=True)  # longest first: leftmost-longest matching
         self.pattern = re.compile("|".join(map(re.escape, contents))) if contents else None
-
-    def token_ids(self):
-        return {t.content: i for i, t in self.added.items()}
 
     # ---- ids and sizes -------------------------------------------------------
 
