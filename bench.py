@@ -1,7 +1,7 @@
 """
 Benchmarks: our components against the transformers reference, in the same process, on the same weights.
 
-    python bench.py components                      # tiny and small presets, fp32, CPU (~5 minutes)
+    python bench.py components                      # tiny and small presets, fp32, CPU (~15 minutes)
     python bench.py components --presets tiny --json out/bench.json
     python bench.py components --device cuda --dtype bfloat16   # on a GPU (MFU against --peak-tflops)
 
@@ -132,9 +132,11 @@ def bench_decode(ours, ref, cfg, device, repeats, prompt=32, new=128, compile=Fa
         out = ours.generate(idx, new, stop_ids=[], compile=compile)
         assert out.shape[1] == new
 
+    ref.generation_config.eos_token_id = None  # exactly `new` tokens on both sides, no extra logits processor
+
     def run_ref():
-        out = ref.generate(input_ids=idx, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                           do_sample=False, pad_token_id=cfg.pad_token_id)
+        out = ref.generate(input_ids=idx, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                           pad_token_id=cfg.pad_token_id)
         assert out.shape[1] == prompt + new
 
     with torch.inference_mode():

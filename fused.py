@@ -14,28 +14,31 @@ import torch.nn.functional as F
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, targets, chunk):
-        """Summed loss over the targets != -100; x (N, C), weight (V, C), bias (V,) or None, targets (N,)."""
-        need_grad = any(ctx.needs_input_grad[:3])
+    def forward(ctx, x, weight, bias, targets, chunk, need):
+        """Summed loss; x (N, C), weight (V, C), bias (V,) or None, targets (N,) all != -100.
+
+        `need` = which of x, weight, bias want a gradient (grad mode included: inside forward,
+        ctx.needs_input_grad would ignore a surrounding torch.no_grad()).
+        """
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_grad and bias is not None else None
+        grad_x = torch.empty_like(x) if need[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
         for s in range(0, x.shape[0], chunk):
             xs, ts = x[s:s + chunk], targets[s:s + chunk]
             logits = F.linear(xs, weight, bias).float()  # (n, V), in fp32 as the plain loss computes it
             lse = logits.logsumexp(-1)
-            valid = ts != -100
-            rows = torch.arange(len(ts), device=x.device)[valid]
-            loss += (lse[valid] - logits[rows, ts[valid]]).sum()
-            if need_grad:
+            rows = torch.arange(len(ts), device=x.device)
+            loss += (lse - logits[rows, ts]).sum()
+            if any(need):
                 g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                g[rows, ts[valid]] -= 1.0
-                g = (g * valid[:, None]).to(x.dtype)  # (n, V) d(summed loss)/d(logits)
-                grad_x[s:s + chunk] = g @ weight
-                grad_w.add_(g.t() @ xs)  # accumulated in fp32 across chunks
+                g[rows, ts] -= 1.0  # (n, V) d(summed loss)/d(logits), fp32
+                if grad_x is not None:
+                    grad_x[s:s + chunk] = g.to(x.dtype) @ weight
+                if grad_w is not None:
+                    grad_w.addmm_(g.t(), xs.float())  # fp32 products and sum, whatever the model dtype
                 if grad_b is not None:
-                    grad_b += g.float().sum(0)
+                    grad_b += g.sum(0)
         ctx.save_for_backward(grad_x, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return loss
@@ -44,8 +47,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
-        return (grad_x * grad_loss.to(grad_x.dtype), (grad_w * grad_loss).to(w_dtype),
-                None if grad_b is None else (grad_b * grad_loss).to(b_dtype), None, None)
+        return (None if grad_x is None else grad_x * grad_loss.to(grad_x.dtype),
+                None if grad_w is None else (grad_w * grad_loss).to(w_dtype),
+                None if grad_b is None else (grad_b * grad_loss).to(b_dtype), None, None, None)
 
 
 def linear_cross_entropy(x, weight, bias, targets, reduction="mean", chunk=None):
@@ -55,11 +59,13 @@ def linear_cross_entropy(x, weight, bias, targets, reduction="mean", chunk=None)
     `chunk` tokens at a time; the default (256 to 1024 rows, ~2M logits) was the fastest measured on CPU
     at vocabularies of 4k and 32k: smaller chunks starve the matmuls, larger ones bring the page faults back.
     """
-    x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-    chunk = chunk or min(1024, max(256, 2**21 // weight.shape[0]))
-    total = _LinearCrossEntropy.apply(x, weight, bias, targets, chunk)
-    if reduction == "sum":
-        return total
-    if reduction != "mean":
+    if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    return total / (targets != -100).sum()
+    x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    keep = targets != -100  # rows without a target cost nothing (most rows of an SFT batch)
+    x, targets = x[keep], targets[keep]
+    chunk = chunk or min(1024, max(256, 2**21 // weight.shape[0]))
+    grad = torch.is_grad_enabled()
+    need = tuple(grad and t is not None and t.requires_grad for t in (x, weight, bias))
+    total = _LinearCrossEntropy.apply(x, weight, bias, targets, chunk, need)
+    return total if reduction == "sum" else total / keep.sum()

@@ -1,5 +1,5 @@
 """
-Phi-3-mini, the language model of xGen-MM, and its SentencePiece tokenizer.
+Phi-3-mini, the language model of xGen-MM: training forward, KV-cached batched generation, loading.
 
 - A pre-norm decoder: RMSNorm (computed in fp32) -> attention -> residual, RMSNorm -> SiLU-gated MLP
   -> residual. q, k, v come from one fused `qkv_proj` and gate/up from one `gate_up_proj`, exactly as
@@ -13,15 +13,13 @@ Phi-3-mini, the language model of xGen-MM, and its SentencePiece tokenizer.
 - One `forward` serves training (ids or input embeddings in, logits and an optional loss out) and decoding
   (a preallocated KV cache written at `input_pos`; static shapes, so `torch.compile` can take the step).
 - `generate` batches prompts of different lengths with left padding; model.py reuses its decode loop.
-- `Tokenizer` reproduces the Hub tokenizer's ids: added tokens split first (honouring rstrip/lstrip),
-  SentencePiece with byte fallback on the pieces between them, the dummy-prefix space only at the start.
+- The tokenizer lives in tokenizer.py and is re-exported here as `phi3.Tokenizer`.
 
 References: Phi-3 technical report (arXiv 2404.14219); RoFormer (arXiv 2104.09864); LongRoPE (arXiv
 2402.13753); microsoft/Phi-3-mini-4k-instruct; transformers' modeling_phi3.py (the numerical reference).
 """
 import json
 import math
-import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -57,16 +55,23 @@ class Phi3Config:
     lm_head_bias: bool = False           # the xGen-MM head carries a bias; Phi-3's does not
     output_vocab_size: int | None = None  # logits only for ids < this (xGen-MM: 32015); None = vocab_size
     bos_token_id: int = 1
-    eos_token_id: int = 32000
+    eos_token_id: int | list = 32000     # Phi-3-instruct's generation_config.json: [32000, 32001, 32007]
     pad_token_id: int = 32000
 
     @property
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def eos_ids(self):
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+
     @classmethod
     def from_hf(cls, d):
         """From a Hugging Face Phi-3 config.json dict; refuses what this file does not implement."""
+        if d.get("model_type", "phi3") != "phi3":
+            raise ValueError(f"config model_type is {d['model_type']!r}, not 'phi3'"
+                             + (": an xGen-MM checkpoint loads with model.py" if d["model_type"] == "xgenmm" else ""))
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"Phi-3 config: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
         if d.get("tie_word_embeddings", False):
@@ -78,6 +83,11 @@ class Phi3Config:
         if kind in ("su", "longrope"):
             scaling = {"type": "longrope", "short_factor": list(rope["short_factor"]),
                        "long_factor": list(rope["long_factor"])}
+            half = d["hidden_size"] // d["num_attention_heads"] // 2
+            for k in ("short_factor", "long_factor"):
+                if len(scaling[k]) != half:
+                    raise ValueError(f"Phi-3 config: rope_scaling.{k} has {len(scaling[k])} entries, "
+                                     f"head_dim / 2 = {half} expected")
             for k in ("factor", "attention_factor"):
                 if rope.get(k) is not None:
                     scaling[k] = float(rope[k])
@@ -89,11 +99,10 @@ class Phi3Config:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known and k not in ("rope_scaling",)}
         kw["rope_theta"] = float(d.get("rope_theta", rope.get("rope_theta", 10000.0)))
-        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):  # lists (several eos) keep the first
-            if isinstance(kw.get(k), list):
-                kw[k] = kw[k][0]
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if kw.get(k) is None:
                 kw.pop(k, None)
+        kw["sliding_window"] = d.get("sliding_window")  # absent means none, as in the reference
         if kw.get("num_key_value_heads") is None:
             kw["num_key_value_heads"] = d["num_attention_heads"]
         kw.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 4096))
@@ -296,6 +305,8 @@ class Phi3(nn.Module):
         B, T, _ = x.shape
         cfg = self.config
         if input_pos is not None:  # cached decoding: attend over every slot of the static cache
+            if self.cache_valid is None:
+                raise RuntimeError("forward with input_pos needs a KV cache: call setup_cache(batch, max_len) first")
             slots = torch.arange(self.cache_valid.shape[1], device=x.device)
             mask = make_mask(input_pos, slots, self.cache_valid, cfg.sliding_window)
             pos = (input_pos[None, :] - self.cache_offset[:, None]).clamp(min=0)
@@ -383,8 +394,9 @@ class Phi3(nn.Module):
         """Continue a batch of prompts; returns the new tokens (B, n), n <= max_new_tokens.
 
         `idx` is a list of id lists (left-padded here) or a left-padded tensor with its `attention_mask`.
-        Greedy when temperature == 0. A row stops after emitting any of `stop_ids` (default: eos) and is
-        filled with `pad_id` afterwards; the loop ends when all rows have stopped.
+        Greedy when temperature == 0. A row stops after emitting any of `stop_ids` (default: every eos id,
+        config.json's and generation_config.json's) and is filled with `pad_id` afterwards; the loop ends
+        when all rows have stopped.
         """
         if isinstance(idx, (list, tuple)):
             idx, attention_mask = left_pad(idx, self.config.pad_token_id)
@@ -403,9 +415,11 @@ class Phi3(nn.Module):
         cfg = self.config
         B, T, _ = embeds.shape
         device = embeds.device
-        stop = torch.tensor(stop_ids if stop_ids is not None else [cfg.eos_token_id], device=device)
+        stop = torch.tensor(stop_ids if stop_ids is not None else cfg.eos_ids, dtype=torch.long, device=device)
         pad_id = cfg.pad_token_id if pad_id is None else pad_id
-        max_len = T + max_new_tokens
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        max_len = T + max_new_tokens - 1  # the last sampled token is never fed back
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                              f"{cfg.max_position_embeddings} positions")
@@ -442,6 +456,10 @@ class Phi3(nn.Module):
     def from_pretrained(cls, path, dtype=None, device=None):
         """A Hugging Face Phi-3 directory (config.json + single or sharded safetensors)."""
         cfg = Phi3Config.from_hf(weights.read_config(path))
+        gen = Path(path) / "generation_config.json"  # instruct models list more stop ids there
+        if gen.is_file():
+            extra = Phi3Config(eos_token_id=json.loads(gen.read_text()).get("eos_token_id") or []).eos_ids
+            cfg.eos_token_id = list(dict.fromkeys(cfg.eos_ids + extra))
         ckpt = weights.Checkpoint(path)
         cfg.lm_head_bias = "lm_head.bias" in ckpt
         with torch.device("meta"):

@@ -145,6 +145,9 @@ class PerceiverResampler(nn.Module):
                                               f"vision_tokenizer_config) nor ResamplerConfig fields: {unknown}")
             config = ResamplerConfig(**d)
         ckpt = weights.Checkpoint(path)
+        if prefix + "latents" not in ckpt and "vlm.vision_tokenizer.latents" in ckpt:
+            raise weights.CheckpointError(f"{path}: no '{prefix}latents', but an xGen-MM checkpoint's resampler: "
+                                          "pass prefix='vlm.vision_tokenizer.'")
         with torch.device("meta"):
             model = cls(config)
         state = convert_checkpoint(ckpt, prefix, config)

@@ -116,6 +116,12 @@ class AddedToken:
     single_word: bool = False
 
 
+# what the reference (Rust's char::is_whitespace, Unicode White_Space) strips for lstrip/rstrip; Python's
+# str.isspace() also counts U+001C..U+001F, which the reference keeps as text
+WHITESPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
+                       + "".join(map(chr, range(0x2000, 0x200B))))
+
+
 def _content(tok):
     return tok["content"] if isinstance(tok, dict) else tok
 
@@ -184,13 +190,13 @@ class Tokenizer:
             if s < last:  # inside whitespace an rstrip token already swallowed: the reference skips it too
                 continue
             if tok.lstrip:
-                while s > last and text[s - 1].isspace():
+                while s > last and text[s - 1] in WHITESPACE:
                     s -= 1
             if s > last:
                 parts.append((False, text[last:s], last))
             parts.append((True, self.by_content[m.group()], s))
             if tok.rstrip:
-                while e < len(text) and text[e].isspace():
+                while e < len(text) and text[e] in WHITESPACE:
                     e += 1
             last = e
         if last < len(text):
@@ -213,7 +219,11 @@ class Tokenizer:
         return ids
 
     def decode(self, ids, skip_special_tokens=False):
-        """Token strings joined, "▁" as space, byte pieces fused into UTF-8, one leading space dropped."""
+        """Token strings joined, "▁" as space, byte pieces fused into UTF-8, one leading space dropped.
+
+        A run of byte pieces that is not valid UTF-8 (a generation cut inside a character) becomes one
+        U+FFFD per byte, as the reference's ByteFallback decoder does.
+        """
         out, pending = [], bytearray()
         for i in (int(i) for i in ids):
             if i in self.added:
@@ -228,10 +238,10 @@ class Tokenizer:
                 if self.sp.is_control(i) and skip_special_tokens:
                     continue
                 piece = piece.replace("▁", " ")
-            out.append(pending.decode("utf-8", errors="replace"))
+            out.append(_utf8(pending))
             pending.clear()
             out.append(piece)
-        out.append(pending.decode("utf-8", errors="replace"))
+        out.append(_utf8(pending))
         text = "".join(out)
         return text[1:] if self.add_prefix_space and text.startswith(" ") else text
 
@@ -278,6 +288,13 @@ class Tokenizer:
         _write_json(path / "tokenizer_config.json", cfg)
         _write_json(path / "added_tokens.json", {t.content: i for i, t in sorted(self.added.items()) if i >= n})
         _write_json(path / "special_tokens_map.json", specials)
+
+
+def _utf8(data):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(data)
 
 
 def _read_json(f):

@@ -32,7 +32,11 @@ def resolve_dir(path):
 
 def read_config(path, name="config.json"):
     """config.json of a checkpoint directory as a dict."""
-    f = resolve_dir(path) / name
+    d = resolve_dir(path)
+    if not d.is_dir():
+        raise CheckpointError(f"{path}: a file; pass the checkpoint directory (with config.json and "
+                              "*.safetensors) instead")
+    f = d / name
     if not f.is_file():
         raise CheckpointError(f"{f}: missing; a checkpoint directory needs its {name}")
     return json.loads(f.read_text())
@@ -52,6 +56,8 @@ class Checkpoint:
         for f in self._files(path):
             with safe_open(f, framework="pt") as h:
                 for k in h.keys():
+                    if k in self.where:  # e.g. a stale model.safetensors beside newer shards
+                        raise CheckpointError(f"{path}: tensor '{k}' is in both {self.where[k].name} and {f.name}")
                     self.where[k] = f
         self.handles = {}
         self.used = set()

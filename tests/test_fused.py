@@ -29,10 +29,43 @@ def test_values_and_gradients_equal_the_plain_loss(reduction, bias):
         assert torch.allclose(a, r, atol=1e-5)
 
 
-def test_no_grad_computes_only_the_loss():
-    x, w, t = torch.randn(10, 8), torch.randn(20, 8), torch.randint(0, 20, (10,))
+def test_no_grad_computes_only_the_loss(monkeypatch):
+    torch.manual_seed(0)
+    x, w = torch.randn(10, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    t = torch.randint(0, 20, (10,))
+    calls = []
+    for name in ("zeros_like", "empty_like"):  # the gradient buffers are allocated with these
+        orig = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
     with torch.no_grad():
-        assert torch.allclose(linear_cross_entropy(x, w, None, t, chunk=3), plain(x, w, None, t, "mean"))
+        loss = linear_cross_entropy(x, w, None, t, chunk=3)
+    assert calls == [] and torch.allclose(loss, plain(x, w, None, t, "mean"))
+    linear_cross_entropy(x, w, None, t, chunk=3)  # with grad mode on, both buffers exist
+    assert sorted(set(calls)) == ["empty_like", "zeros_like"]
+
+
+def test_frozen_head_gives_only_the_input_gradient():
+    torch.manual_seed(0)
+    x, w = torch.randn(12, 8, requires_grad=True), torch.randn(30, 8)  # a frozen lm_head, as under LoRA
+    t = torch.randint(0, 30, (12,))
+    (gx,) = torch.autograd.grad(linear_cross_entropy(x, w, None, t, chunk=5), [x])
+    (rx,) = torch.autograd.grad(plain(x, w, None, t, "mean"), [x])
+    assert torch.allclose(gx, rx, atol=1e-6)
+
+
+def test_bf16_gradients_stay_close_to_fp32():
+    torch.manual_seed(0)
+    x, w = torch.randn(300, 32), torch.randn(500, 32) * 0.1
+    t = torch.randint(0, 500, (300,))
+    xb, wb = x.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+    loss = linear_cross_entropy(xb, wb, None, t, chunk=64)
+    loss.backward()
+    x.requires_grad_(), w.requires_grad_()
+    ref = plain(x, w, None, t, "mean")
+    ref.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 1e-2
+    assert xb.grad.dtype == wb.grad.dtype == torch.bfloat16
+    assert (wb.grad.float() - w.grad).abs().max() < 2e-3 * w.grad.abs().max() + 1e-4
 
 
 def test_phi3_fused_loss_equals_logits_loss():

@@ -144,6 +144,52 @@ def test_gqa_and_longrope_match_transformers(tmp_path):
     assert got.tolist() == ref[:, 10:].tolist()
 
 
+def test_generation_config_stop_ids_match_transformers(tmp_path):
+    make_hf(tmp_path)
+    hf = transformers.Phi3ForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = [[1, 17, 33, 250, 9, 81, 4, 120, 77, 5, 6]]
+    free = hf.generate(torch.tensor(prompt), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    stop = free[0, len(prompt[0]) + 3].item()  # a token greedy decoding emits: instruct models list several
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [2, stop]}))
+    hf = transformers.Phi3ForCausalLM.from_pretrained(tmp_path).eval()
+    ours = phi3.Phi3.from_pretrained(tmp_path)
+    assert ours.config.eos_ids == [2, stop]
+    ref = hf.generate(torch.tensor(prompt), max_new_tokens=12, do_sample=False, pad_token_id=0)[:, len(prompt[0]):]
+    got = ours.generate(prompt, 12)
+    assert got.tolist() == ref.tolist() and got[0, -1].item() == stop and got.shape[1] <= 4
+
+
+def test_clear_errors_for_misuse(pair, tmp_path):
+    _, ours, d = pair
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        ours.generate([[1, 2]], 0)
+    with pytest.raises(RuntimeError, match="call setup_cache"):
+        ours(torch.tensor([[5]]), input_pos=torch.tensor([0]))
+    with pytest.raises(weights.CheckpointError, match="pass the checkpoint directory"):
+        phi3.Phi3.from_pretrained(next(d.glob("*.safetensors")))
+    with pytest.raises(ValueError, match="an xGen-MM checkpoint loads with model.py"):
+        phi3.Phi3Config.from_hf({"model_type": "xgenmm"})
+    with pytest.raises(ValueError, match="short_factor has 3 entries"):
+        phi3.Phi3Config.from_hf({"hidden_size": 64, "num_attention_heads": 4, "rope_scaling": {
+            "type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 8}})
+    assert phi3.Phi3Config.from_hf({"hidden_size": 64, "num_attention_heads": 4}).sliding_window is None
+    # the cache holds prompt + max_new_tokens - 1 tokens: a generation that exactly fills the context is allowed
+    ours.config.max_position_embeddings, saved = 8, ours.config.max_position_embeddings
+    try:
+        assert ours.generate([[1, 2, 3, 4]], 5, stop_ids=[]).shape == (1, 5)
+    finally:
+        ours.config.max_position_embeddings = saved
+
+
+def test_duplicate_tensor_across_files_is_refused(tmp_path):
+    make_hf(tmp_path, shard="10GB")
+    sd = load_file(tmp_path / "model.safetensors")
+    save_file({"lm_head.weight": sd["lm_head.weight"]}, tmp_path / "stale.safetensors")
+    with pytest.raises(weights.CheckpointError, match="'lm_head.weight' is in both"):
+        phi3.Phi3.from_pretrained(tmp_path)
+
+
 def test_unsupported_config_is_refused():
     with pytest.raises(ValueError, match="rope scaling type 'dynamic'"):
         phi3.Phi3Config.from_hf({"num_attention_heads": 4, "hidden_size": 64, "rope_scaling": {"type": "dynamic"}})
@@ -263,5 +309,3 @@ def test_lm_head_bias_and_output_vocab(tmp_path):
         assert (m(idx) - ref).abs().max() <= 1e-4
         m.config.output_vocab_size = 300
         assert (m(idx) - ref[..., :300]).abs().max() <= 1e-4
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    assert phi3.Phi3Config.from_hf(cfg).sliding_window == 8

@@ -139,6 +139,8 @@ def test_xgenmm_prefix(tmp_path):
     with torch.no_grad():
         assert max_diff(loaded(x, mask), model(x, mask)) == 0
         assert max_diff(converted(x, mask), model(x, mask)) == 0
+    with pytest.raises(weights.CheckpointError, match="pass prefix='vlm.vision_tokenizer.'"):
+        resampler.PerceiverResampler.from_pretrained(path)  # the prefix forgotten
 
 
 @pytest.mark.parametrize("edit, pattern", [

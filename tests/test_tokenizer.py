@@ -23,6 +23,7 @@ PHI3_ADDED = [("<|endoftext|>", False), ("<|assistant|>", True), ("<|placeholder
               ("<|system|>", True), ("<|end|>", True), ("<|placeholder5|>", True), ("<|placeholder6|>", True),
               ("<|user|>", True)]  # (content, rstrip) as in Phi-3's tokenizer_config.json
 XGENMM_ADDED = ["<pad>", "<image>", "<image placeholder>", "<|endofchunk|>"]
+LSTRIP = "<|lstrip|>"  # a test token with lstrip and rstrip, so both branches meet the reference
 
 TEXTS = [
     "<|system|>\nA chat between a curious user and an artificial intelligence assistant.<|end|>\n<|user|>\n"
@@ -34,6 +35,7 @@ TEXTS = [
     "1234567890 3.14159 2026-11-26 +42", "Grüße aus Köln, 東京タワー, emoji 🦊🙂, Ωμέγα, naïve café",
     "a  b   c    d", "  leading spaces", "trailing spaces  ", "", " ", "literal ▁ metaspace",
     "look: <|placeholder1|> x <|placeholder5|>y", "<unk> and <pad> tokens",
+    "a \t <|lstrip|> \n b", "x<|lstrip|>y", "<|end|>\x1cx<|end|>\x1f", "  \u3000<|lstrip|>\u00a0z",
 ]
 
 
@@ -52,10 +54,10 @@ def write_tokenizer(d, add_bos=False, xgenmm=False):
     n = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
     dec = {str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
                     "special": True} for i, c in enumerate(["<unk>", "<s>", "</s>"])}
-    added = [(c, r) for c, r in PHI3_ADDED] + ([(c, False) for c in XGENMM_ADDED] if xgenmm else [])
+    added = [(c, r) for c, r in PHI3_ADDED] + ([(c, False) for c in XGENMM_ADDED + [LSTRIP]] if xgenmm else [])
     for k, (c, r) in enumerate(added):
-        dec[str(n + k)] = {"content": c, "lstrip": False, "normalized": False, "rstrip": r, "single_word": False,
-                           "special": True}
+        dec[str(n + k)] = {"content": c, "lstrip": c == LSTRIP, "normalized": False, "rstrip": r or c == LSTRIP,
+                           "single_word": False, "special": True}
     cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": add_bos, "add_eos_token": False, "legacy": False,
            "bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>",
            "pad_token": "<pad>" if xgenmm else "<|endoftext|>", "added_tokens_decoder": dec,
@@ -82,7 +84,8 @@ def test_ids_equal_transformers(toks, text):
 def test_random_text_equals_transformers(toks):
     ours, ref, _ = toks
     rng = random.Random(1)
-    alphabet = list("abcdefghij ABC  \n\t0123456789.,!?-é東🙂") + ["<|end|>", "<|user|>\n", "<image>", " the "]
+    alphabet = list("abcdefghij ABC  \n\t0123456789.,!?-é東🙂\x1c\x1f\u00a0\u3000") + [
+        "<|end|>", "<|user|>\n", "<image>", " the ", "<|lstrip|>"]
     for _ in range(200):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         assert ours.encode(text) == ref.encode(text), repr(text)
@@ -96,9 +99,19 @@ def test_decode_equals_transformers_and_round_trips(toks, text):
     assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
     # lossy by design, as in the reference: rstrip tokens swallow whitespace, a leading space merges with the
     # dummy prefix that decoding drops, and a literal "▁" is a space
-    lossy = any(t in text for t, r in PHI3_ADDED if r) or text.startswith(" ") or "▁" in text
+    lossy = any(t in text for t, r in PHI3_ADDED if r) or text.startswith(" ") or "▁" in text or LSTRIP in text
     if not lossy:
         assert ours.decode(ours.encode(text, bos=False)) == text
+
+
+def test_decode_of_bytes_cut_mid_character_equals_transformers(toks):
+    ours, ref, _ = toks
+    ids = ref.encode("the 東京 🦊")
+    byte_ids = [i for i in ids if ref.convert_ids_to_tokens(i).startswith("<0x")]
+    assert len(byte_ids) >= 4  # the test model has no piece for these characters: byte fallback
+    for cut in range(1, len(ids)):  # every prefix, most of them ending inside a character
+        assert ours.decode(ids[:cut]) == ref.decode(ids[:cut])
+    assert ours.decode(byte_ids[1:3]) == ref.decode(byte_ids[1:3])
 
 
 def test_special_ids_and_rstrip(toks):

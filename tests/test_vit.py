@@ -4,10 +4,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
 import vit
 import weights
+
+transformers = pytest.importorskip("transformers")  # the numerical reference
+SiglipConfig, SiglipModel = transformers.SiglipConfig, transformers.SiglipModel
+SiglipVisionConfig, SiglipVisionModel = transformers.SiglipVisionConfig, transformers.SiglipVisionModel
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4)  # head_dim 16, 16 patches
