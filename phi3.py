@@ -64,7 +64,7 @@ class Phi3Config:
 
     @property
     def eos_ids(self):
-        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+        return as_id_list(self.eos_token_id)
 
     @classmethod
     def from_hf(cls, d):
@@ -107,6 +107,11 @@ class Phi3Config:
             kw["num_key_value_heads"] = d["num_attention_heads"]
         kw.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 4096))
         return cls(**kw, rope_scaling=scaling)
+
+
+def as_id_list(ids):
+    """An eos field of config.json or generation_config.json (None, one id or a list) as a list."""
+    return [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
 
 
 PRESETS = {
@@ -389,29 +394,30 @@ class Phi3(nn.Module):
         return self.forward(idx, input_pos=input_pos)[:, -1]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=None,
-                 attention_mask=None, pad_id=None, generator=None, callback=None, compile=False):
+    def generate(self, idx, max_new_tokens, attention_mask=None, **options):
         """Continue a batch of prompts; returns the new tokens (B, n), n <= max_new_tokens.
 
         `idx` is a list of id lists (left-padded here) or a left-padded tensor with its `attention_mask`.
-        Greedy when temperature == 0. A row stops after emitting any of `stop_ids` (default: every eos id,
-        config.json's and generation_config.json's) and is filled with `pad_id` afterwards; the loop ends
-        when all rows have stopped.
+        `options` are decode_loop's: temperature (0 = greedy), top_k, top_p, stop_ids, pad_id, generator,
+        callback, compile.
         """
         if isinstance(idx, (list, tuple)):
             idx, attention_mask = left_pad(idx, self.config.pad_token_id)
         idx = idx.to(self.lm_head.weight.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(idx)
-        embeds = self.model.embed_tokens(idx)
-        return self.decode_loop(embeds, attention_mask, max_new_tokens, temperature=temperature, top_k=top_k,
-                                top_p=top_p, stop_ids=stop_ids, pad_id=pad_id, generator=generator,
-                                callback=callback, compile=compile)
+        return self.decode_loop(self.model.embed_tokens(idx), attention_mask, max_new_tokens, **options)
 
     @torch.no_grad()
     def decode_loop(self, embeds, attention_mask, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
                     stop_ids=None, pad_id=None, generator=None, callback=None, compile=False):
-        """The decode loop shared with model.py: prefill left-padded `embeds` (B, T, C), then step token by token."""
+        """The decode loop shared with model.py: prefill left-padded `embeds` (B, T, C), then step token by token.
+
+        Greedy when temperature == 0. A row stops after emitting any of `stop_ids` (default: every eos id,
+        config.json's and generation_config.json's) and is filled with `pad_id` afterwards; the loop ends
+        when all rows have stopped. `callback(tokens)` sees each step's (B,) tokens; `compile` runs the
+        static-shape decode step through torch.compile.
+        """
         cfg = self.config
         B, T, _ = embeds.shape
         device = embeds.device
@@ -458,7 +464,7 @@ class Phi3(nn.Module):
         cfg = Phi3Config.from_hf(weights.read_config(path))
         gen = Path(path) / "generation_config.json"  # instruct models list more stop ids there
         if gen.is_file():
-            extra = Phi3Config(eos_token_id=json.loads(gen.read_text()).get("eos_token_id") or []).eos_ids
+            extra = as_id_list(json.loads(gen.read_text()).get("eos_token_id"))
             cfg.eos_token_id = list(dict.fromkeys(cfg.eos_ids + extra))
         ckpt = weights.Checkpoint(path)
         cfg.lm_head_bias = "lm_head.bias" in ckpt
