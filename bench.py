@@ -1,5 +1,5 @@
 """
-Benchmarks: our components against the transformers reference, in the same process, on the same weights.
+Benchmarks: our components, and the whole model, against transformers, in the same process, on the same weights.
 
     python bench.py components                      # tiny and small presets, fp32, CPU (~15 minutes)
     python bench.py components --presets tiny --json out/bench.json
@@ -13,6 +13,27 @@ For each preset it times, alternating ours and the reference (A B A B ...) and k
   `Phi3.decode_layout()`;
 - the ViT forward in images/s, and FLOP/s as a fraction of the peak.
 Each is timed with ours eager and again with ours through torch.compile (`--no-compile` skips that).
+
+    python bench.py model                           # the whole xGen-MM, tiny and small presets, fp32, CPU
+    python bench.py model --presets tiny --repeats 1 --no-compile   # a quick look (under a minute)
+
+`model` times model.py against `XGenMMReference` of tests/reference.py (transformers' SiglipVisionModel and
+Phi3ForCausalLM, the official resampler math, the LLaVA-NeXT tiling), built from the tensors our random
+model saved in the official layout, after checking that both give the same vision tokens and prefill
+logits. tests/ has no __init__.py: it imports as a namespace package from the repository root (the
+directory of bench.py). CPU and fp32 only: the reference preprocesses and resamples on the CPU. It times
+- vision encoding of one 640x480 image (anyres: global view + 2x2 crops), PIL preprocessing included on
+  both sides, in images/s;
+- prompt-to-answer latency, 1 image + 32 text tokens -> 128 new tokens, greedy, no early stop, in s;
+- decode tokens/s = 127 / (t(128 new tokens) - t(1 new token)): the prefill and the image cancel out;
+  also as a fraction of the memory-bandwidth bound, as above.
+Compiled rows run ours with the ViT and the resampler through torch.compile and `compile=True` decoding.
+
+    python bench.py data --data data/toy/mixtures/sft.json data/toy/mixtures/interleave.json
+
+`data` times data.py's pipeline (read, decode, any-resolution preprocessing, tokenize, collate) through a
+DataLoader with 2 workers, in samples/s, next to a `tiny` training step (forward + backward) on the same
+batches: the pipeline must outpace the step, or training waits for data.
 transformers is needed only here and in the tests; the project itself never imports it.
 """
 import argparse
@@ -20,10 +41,13 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+import model
 import phi3
 import vit
 
@@ -58,6 +82,16 @@ def read_bandwidth(device, dtype, gb=1.0, reps=5):
     w @ x
     best = min(timed(lambda: w @ x, device) for _ in range(reps))
     return w.numel() * w.element_size() / best
+
+
+def bandwidth(args, device, dtype):
+    return args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else read_bandwidth(device, dtype)
+
+
+def decode_bytes(lm):
+    """Weight bytes one batch-1 decode step reads: every LM parameter but the embedding table (one row is read).
+    The decode bound is bandwidth / decode_bytes tokens/s."""
+    return sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if "embed" not in n)
 
 # -----------------------------------------------------------------------------
 # model pairs on the same weights
@@ -183,7 +217,7 @@ def bench_preset(preset, args, device, dtype, peak, bw, tmp):
     ours.eval(), ref.eval()
     for comp in modes:
         r["decode" + "_compiled" * comp] = bench_decode(ours, ref, cfg, device, args.repeats, compile=comp)
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in ours.named_parameters() if "embed" not in n)
+    weight_bytes = decode_bytes(ours)
     del ours, ref
     vo, vr = vit_pair(preset, device, dtype, tmp)
     for comp in modes:
@@ -201,7 +235,7 @@ ROWS = {"train": ("LM train fwd+bwd", "tok/s", "of peak"), "decode": ("greedy de
 def components(args):
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_matmul_flops(device, dtype)
-    bw = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else read_bandwidth(device, dtype)
+    bw = bandwidth(args, device, dtype)
     print(f"device {device} {args.dtype}, {torch.get_num_threads()} threads; matmul peak {peak / 1e9:.0f} GFLOP/s, "
           f"read bandwidth {bw / 1e9:.1f} GB/s")
     results = {"device": str(device), "dtype": args.dtype, "peak_flops": peak, "bandwidth": bw}
@@ -216,33 +250,210 @@ def components(args):
                     rows.append(f"| {preset} | {name} | {x['ours']:,.1f} {unit} ({x['ours_frac']:.0%} {what}) | "
                                 f"{x['transformers']:,.1f} {unit} ({x['transformers_frac']:.0%}) | "
                                 f"{x['ours'] / x['transformers']:.2f}x |")
-    print("\n| preset | measure | ours | transformers | ours / transformers |\n|---|---|---|---|---|")
+    report("| preset | measure | ours | transformers | ours / transformers |", rows, results, args.json)
+
+
+def report(header, rows, results, path):
+    print(f"\n{header}\n|" + "---|" * header.count(" |"))
     print("\n".join(rows))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(results, indent=2))
+
+# -----------------------------------------------------------------------------
+# the whole model against the transformers-composed reference
+
+CPU, PROMPT, NEW = torch.device("cpu"), 32, 128
+
+
+def xgenmm_pair(preset, tmp):
+    """Ours with random weights, saved in the official layout, and XGenMMReference loaded from those tensors."""
+    import transformers
+    from safetensors.torch import load_file
+    from tests.reference import XGenMMReference  # tests/ has no __init__.py: a namespace package from the repo root
+    torch.manual_seed(0)
+    m = model.XGenMM(model.preset(preset))
+    m.lang_model.init_weights()
+    files = sorted(m.save_pretrained(tmp / f"xgenmm-{preset}").glob("*.safetensors"))
+    sd = {k: v for f in files for k, v in load_file(f).items()}
+    part = lambda prefix: {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}  # noqa: E731
+    cfg = m.config
+    siglip = transformers.SiglipVisionModel(
+        transformers.SiglipVisionConfig(**asdict(cfg.vision), vision_use_head=False))  # ours saves no pooling head
+    pre = "vision_model." if "vision_model.post_layernorm.weight" in siglip.state_dict() else ""  # transformers 4.x
+    siglip.load_state_dict({pre + k: v for k, v in part("vlm.vision_encoder.").items()})
+    lm = transformers.Phi3ForCausalLM(transformers.Phi3Config.from_dict(cfg.text.to_hf()))
+    lm_sd, main = part(model.LM), lm.state_dict().keys()
+    lm.load_state_dict({k: lm_sd[k] for k in main})  # HF's lm_head has no bias: it and the decoupled rows go in extra
+    extra = {k: v for k, v in lm_sd.items() if k not in main}
+    ref = XGenMMReference(siglip.eval(), part("vlm.vision_tokenizer."), cfg.resampler, lm.eval(), extra,
+                          cfg.initial_tokenizer_len, "anyres", grids=[list(g) for g in cfg.grids])
+    return m.eval(), ref
+
+
+def check_parity(m, ref, ids, img, tol=1e-3):
+    """Max |ours - reference| of the vision tokens and of the logits that pick the first new token."""
+    with torch.inference_mode():
+        images = model.Images.from_pil([[img]], m.config)
+        pairs = {"vision_tokens": (m.encode_images(images)[0], ref.image_tokens(img)),
+                 "prefill_logits": (m(torch.tensor([ids]), images)[0, -1], ref.logits(ids, [img])[-1])}
+    diffs = {k: (a - b).abs().max().item() for k, (a, b) in pairs.items()}
+    if max(diffs.values()) > tol:
+        raise AssertionError(f"ours and the reference disagree: max abs diff {diffs}, tolerance {tol}")
+    return diffs
+
+
+def bench_generate(m, ref, ids, img, repeats, new, compile):
+    """Median seconds from prompt + PIL image to `new` greedy tokens, [ours, reference], no early stop."""
+    def run_ours():
+        assert m.generate([ids], [[img]], max_new_tokens=new, stop_ids=[], compile=compile).shape == (1, new)
+
+    def run_ref():
+        embeds = torch.cat([ref.image_tokens(img) if i == ref.image_id else ref.embed([i]) for i in ids])[None]
+        out = ref.lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                              max_new_tokens=new, do_sample=False, pad_token_id=m.config.text.pad_token_id)
+        assert out.shape == (1, new)
+
+    ref.lm.generation_config.eos_token_id = None  # exactly `new` tokens on both sides
+    with torch.inference_mode():
+        return [1 / r for r in alternate(run_ours, run_ref, CPU, repeats, 1)]
+
+
+def model_preset(preset, args, bw, tmp):
+    """{measure: [ours, reference]}; "..._compiled" runs ours with the ViT, resampler and decode step compiled."""
+    m, ref = xgenmm_pair(preset, tmp)
+    g = torch.Generator().manual_seed(0)
+    img = Image.fromarray(torch.randint(0, 256, (480, 640, 3), dtype=torch.uint8, generator=g).numpy())
+    ids = [m.config.image_token_id] + torch.randint(3, m.config.initial_tokenizer_len, (PROMPT,), generator=g).tolist()
+    out = {"parity_max_abs_diff": check_parity(m, ref, ids, img), "decode_bound_tok_s": bw / decode_bytes(m.lang_model)}
+    m.lang_model.decode_layout()
+    encode = lambda: m.encode_images(model.Images.from_pil([[img]], m.config))  # noqa: E731
+    r = {}
+    for comp in [False, True] if args.compile else [False]:
+        for module in (m.vision_encoder, m.vision_tokenizer) if comp else ():
+            module.compile()  # in place: encode_images now calls the compiled forwards
+        with torch.inference_mode():
+            r["vision" + "_compiled" * comp] = alternate(encode, lambda: ref.image_tokens(img), CPU, args.repeats, 1)
+        t_new, t_one = (bench_generate(m, ref, ids, img, args.repeats, n, comp) for n in (NEW, 1))
+        r["latency" + "_compiled" * comp] = t_new
+        r["decode" + "_compiled" * comp] = [(NEW - 1) / (a - b) for a, b in zip(t_new, t_one)]
+    return out | {k: {"ours": a, "reference": b} for k, (a, b) in r.items()}
+
+
+MODEL_ROWS = {"vision": ("vision encode 640x480 (5 views), preprocessing included", "img/s"),
+              "latency": (f"latency: image + {PROMPT} tokens -> {NEW} new (lower is better)", "s"),
+              "decode": ("greedy decode b=1", "tok/s")}
+
+
+def model_row(preset, key, r):
+    (name, unit), a, b = MODEL_ROWS[key.split("_")[0]], r[key]["ours"], r[key]["reference"]
+    frac = (f" ({a / r['decode_bound_tok_s']:.0%} of bound)", f" ({b / r['decode_bound_tok_s']:.0%})") \
+        if unit == "tok/s" else ("", "")
+    name += ", ours compiled" if key.endswith("compiled") else ""
+    speedup = b / a if unit == "s" else a / b
+    return f"| {preset} | {name} | {a:,.3g} {unit}{frac[0]} | {b:,.3g} {unit}{frac[1]} | {speedup:.2f}x |"
+
+
+def full_model(args):
+    bw = bandwidth(args, CPU, torch.float32)
+    print(f"cpu float32, {torch.get_num_threads()} threads; read bandwidth {bw / 1e9:.1f} GB/s")
+    results, rows = {"device": "cpu", "dtype": "float32", "bandwidth": bw}, []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for preset in args.presets:
+            r = results[preset] = model_preset(preset, args, bw, Path(tmp))
+            print(f"{preset}: vision tokens and prefill logits match the reference, max abs diff "
+                  f"{r['parity_max_abs_diff']}")
+            rows += [model_row(preset, k, r) for k in ("vision", "vision_compiled", "latency", "latency_compiled",
+                                                      "decode", "decode_compiled") if k in r]
+    report("| preset | measure | ours | reference | speed-up |", rows, results, args.json)
+    print("speed-up: ours / reference for rates, reference / ours for the latency (> 1: ours is faster)")
+
+
+# -----------------------------------------------------------------------------
+# the data pipeline: can it feed a training step?
+
+
+def data_pipeline(args):
+    """Samples/s of data.py's pipeline (read + decode + anyres preprocessing + tokenize + collate) through a
+    DataLoader with --workers workers, next to the samples/s of a training step of the model preset it feeds."""
+    import data
+    results, rows = {}, []
+    for path in args.data:
+        world = Path(path).resolve().parent.parent
+        tok = model.Tokenizer.from_pretrained(world / "tokenizer")
+        model.extend_tokenizer(tok)
+        cfg = model.preset(args.preset)
+        cfg.initial_tokenizer_len = tok.token_to_id("<image>")
+        enc = data.Encoder(tok, cfg, args.max_len)
+        mix = data.Mixture(data.open_sources(path, tok.id_to_token(tok.eos_id)), enc, args.batch_size, tok.pad_id)
+        it = iter(data.loader(mix, num_workers=args.workers))
+        batches = [next(it) for _ in range(2)]  # workers started and warm
+        t = time.perf_counter()
+        batches += [next(it) for _ in range(args.batches)]
+        feed = sum(len(b["where"]) for b in batches[2:]) / (time.perf_counter() - t)
+        del it
+        step = train_step_rate(cfg, batches[2:], args.repeats)
+        results[path] = {"data_samples_per_s": feed, "train_samples_per_s": step}
+        rows.append(f"| {Path(path).name} | {feed:,.1f} samples/s | {step:,.1f} samples/s | {feed / step:.1f}x |")
+    report(f"| data ({args.workers} workers, batch {args.batch_size}) | pipeline | {args.preset} training step "
+           "(fwd+bwd) | pipeline / step |", rows, results, args.json)
+
+
+def train_step_rate(cfg, batches, repeats):
+    """Samples/s of forward + backward of a fresh model of `cfg` on the given batches (median of repeats)."""
+    torch.manual_seed(0)
+    m = model.XGenMM(cfg).train()
+    m.lang_model.init_weights()
+
+    def step():
+        for b in batches:
+            _, loss = m(b["input_ids"], b["images"], b["attention_mask"], labels=b["labels"], return_logits=False)
+            loss.backward()
+    step()
+    t = statistics.median(timed(step, CPU) for _ in range(repeats))
+    return sum(len(b["where"]) for b in batches) / t
+
+
+def common_flags(p, presets_help, compile_help):
+    p.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(SHAPES), help=presets_help)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of each side (median kept)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help=compile_help + "; transformers stays eager, as users run it")
+    p.add_argument("--bandwidth-gbs", type=float, default=None, help="read bandwidth to use instead of measuring it")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("components", help="vit.py and phi3.py against transformers, same weights, same inputs")
-    c.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(SHAPES),
-                   help="model sizes to time (phi3.PRESETS / vit.PRESETS)")
-    c.add_argument("--repeats", type=int, default=5, help="timed runs of each side (median kept)")
+    common_flags(c, "model sizes to time (phi3.PRESETS / vit.PRESETS)",
+                 "also time ours through torch.compile (the decode step, the training step, the ViT)")
     c.add_argument("--device", default="cpu", help="cpu or cuda")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    c.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    c.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time ours through torch.compile (the decode step, the training step, the ViT); "
-                        "transformers stays eager, as users run it")
     c.add_argument("--peak-tflops", type=float, default=None, help="matmul peak to use instead of measuring it")
-    c.add_argument("--bandwidth-gbs", type=float, default=None, help="read bandwidth to use instead of measuring it")
-    c.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    c.set_defaults(run=components)
+    m = sub.add_parser("model", help="model.py against tests/reference.py's transformers-composed xGen-MM, same "
+                                     "weights: vision encoding, prompt-to-answer latency, decode tokens/s (CPU, fp32)")
+    common_flags(m, "model sizes to time (model.preset)",
+                 "also time ours with the ViT and the resampler through torch.compile and compile=True decoding")
+    m.set_defaults(run=full_model)
+    d = sub.add_parser("data", help="data.py's pipeline (samples/s with DataLoader workers) against a training step")
+    d.add_argument("--data", nargs="+", required=True, help="mixture configs of a toy world (DIR/mixtures/*.json)")
+    d.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    d.add_argument("--batch-size", type=int, default=8, help="samples per batch")
+    d.add_argument("--batches", type=int, default=20, help="batches timed (after two warm-up batches)")
+    d.add_argument("--max-len", type=int, default=1024, help="token budget per sample")
+    d.add_argument("--preset", default="tiny", choices=sorted(model.PRESET_PARTS), help="model the data feeds")
+    d.add_argument("--repeats", type=int, default=3, help="timed passes of the training step (median kept)")
+    d.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    d.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    d.set_defaults(run=data_pipeline)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    components(args)
+    args.run(args)
 
 
 if __name__ == "__main__":

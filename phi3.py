@@ -108,6 +108,13 @@ class Phi3Config:
         kw.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 4096))
         return cls(**kw, rope_scaling=scaling)
 
+    def to_hf(self):
+        """The Hugging Face config.json dict (model.py writes it as an xGen-MM `text_config`)."""
+        ours = ("lm_head_bias", "output_vocab_size")  # not config fields upstream: they follow from the weights
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ours}
+        return {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "hidden_act": "silu",
+                "tie_word_embeddings": False, **d}
+
 
 def as_id_list(ids):
     """An eos field of config.json or generation_config.json (None, one id or a list) as a list."""
@@ -462,7 +469,8 @@ class Phi3(nn.Module):
     def from_pretrained(cls, path, dtype=None, device=None):
         """A Hugging Face Phi-3 directory (config.json + single or sharded safetensors)."""
         cfg = Phi3Config.from_hf(weights.read_config(path))
-        gen = Path(path) / "generation_config.json"  # instruct models list more stop ids there
+        path = weights.resolve_dir(path)
+        gen = path / "generation_config.json"  # instruct models list more stop ids there
         if gen.is_file():
             extra = as_id_list(json.loads(gen.read_text()).get("eos_token_id"))
             cfg.eos_token_id = list(dict.fromkeys(cfg.eos_ids + extra))

@@ -49,6 +49,12 @@ class ResamplerConfig:
         names = dict(dim="vis_feature_dim", dim_inner="lang_embedding_dim", num_latents="num_vis_tokens")
         return cls(**{f.name: d.get(names.get(f.name, f.name), f.default) for f in fields(cls)})
 
+    def to_hf(self):
+        """The inverse of from_hf: a `vision_tokenizer_config` dict, constructor fields included."""
+        return {"model_type": "xgenmm_vision_tokenizer", "vis_feature_dim": self.dim,
+                "lang_embedding_dim": self.dim_inner, "num_vis_tokens": self.num_latents,
+                "depth": self.depth, "heads": self.heads, "dim_head": self.dim_head, "ff_mult": self.ff_mult}
+
 
 PRESETS = {
     "xgenmm": ResamplerConfig(),

@@ -141,6 +141,13 @@ class Tokenizer:
                     self.added[i] = AddedToken(name)
         self._build_index()
 
+    def __getstate__(self):  # DataLoader workers under "spawn": rebuild the processor from the model bytes
+        return {k: v for k, v in self.__dict__.items() if k != "sp"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.sp = bare_processor(self.model_bytes)
+
     def _build_index(self):
         self.by_content = {t.content: i for i, t in self.added.items()}
         contents = sorted(self.by_content, key=len, reverse=True)  # longest first: leftmost-longest matching
@@ -161,6 +168,10 @@ class Tokenizer:
 
     def id_to_token(self, i):
         return self.added[i].content if i in self.added else self.sp.id_to_piece(i)
+
+    def is_byte(self, i):
+        """True for a byte-fallback piece (<0x..>): one raw byte of UTF-8, not text by itself."""
+        return i not in self.added and self.sp.is_byte(i)
 
     def _id(self, name):
         tok = self.names[name]
@@ -203,20 +214,27 @@ class Tokenizer:
             parts.append((False, text[last:], last))
         return parts
 
-    def encode(self, text, bos=None, eos=None):
-        ids = [self.bos_id] if (self.add_bos if bos is None else bos) else []
+    def encode(self, text, bos=None, eos=None, offsets=False):
+        """Token ids of `text`. With offsets=True also, per id, the character offset of the added token or
+        text segment it came from (-1 for bos/eos): how data.py maps character spans (e.g. the assistant's
+        answers) to tokens after encoding the whole text once, exactly as the reference would."""
+        ids, starts = ([self.bos_id], [-1]) if (self.add_bos if bos is None else bos) else ([], [])
         for is_added, part, start in self.split(text):
             if is_added:
                 ids.append(part)
+                starts.append(start)
                 continue
             piece = part.replace(" ", "▁")
             first = start == 0 or self.legacy  # legacy tokenizers prefix every piece
             if first and self.add_prefix_space and not piece.startswith("▁"):  # text that starts with a space keeps it
                 piece = "▁" + piece
-            ids.extend(self.sp.encode(piece))
+            pieces = self.sp.encode(piece)
+            ids.extend(pieces)
+            starts.extend([start] * len(pieces))
         if self.add_eos if eos is None else eos:
             ids.append(self.eos_id)
-        return ids
+            starts.append(-1)
+        return (ids, starts) if offsets else ids
 
     def decode(self, ids, skip_special_tokens=False):
         """Token strings joined, "▁" as space, byte pieces fused into UTF-8, one leading space dropped.

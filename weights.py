@@ -1,33 +1,63 @@
 """
-The one strict checkpoint loader that vit.py, resampler.py and phi3.py (and later model.py) share.
+The one strict checkpoint loader (and writer) that vit.py, resampler.py, phi3.py and model.py share.
 
 - Reads safetensors only (a single file, `model.safetensors`, or shards listed by
   `model.safetensors.index.json`); never unpickles anything a user downloaded.
+- Finds Hub ids ("org/name") in the local Hugging Face cache; never downloads anything.
 - Lazy: tensors are memory-mapped and read on first use, so a model built on the meta device and
   filled with `load_state_dict(assign=True)` never holds its weights twice.
+- Writes the same layout back (`save_sharded`): shards of bounded size plus `model.safetensors.index.json`.
 - Strict: every tensor a module expects must be taken by name with its shape checked, every tensor
   nobody takes must be explicitly skipped, and anything else is an error that names the key (and
   both shapes for a mismatch). Loaders never print-and-continue.
 """
 import json
+import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that does not match the model: missing, unexpected or mis-shaped tensors."""
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "org/name", as on the Hugging Face Hub
+
+
 def resolve_dir(path):
-    """A local checkpoint directory or file; a clear error for anything else."""
+    """A local checkpoint directory or file, or a Hub id ("org/name") found in the local Hugging Face cache."""
     p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"{path}: no such file or directory (expected a local checkpoint "
-                              "directory with config.json and *.safetensors)")
-    return p
+    if p.exists():
+        return p
+    if isinstance(path, str) and HUB_ID.fullmatch(path):
+        return hub_snapshot(path)
+    raise CheckpointError(f"{path}: no such file or directory (expected a local checkpoint "
+                          "directory with config.json and *.safetensors, or a Hub id such as org/name)")
+
+
+def hub_cache():
+    """The Hugging Face hub cache directory, located the way huggingface_hub locates it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def hub_snapshot(repo_id, revision="main"):
+    """The cached snapshot directory of a Hub model (this project never downloads anything itself)."""
+    repo = hub_cache() / ("models--" + repo_id.replace("/", "--"))
+    ref = repo / "refs" / revision
+    snap = repo / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision)
+    if not (snap / "config.json").is_file():
+        raise CheckpointError(
+            f"{repo_id}: not a local directory and not in the Hugging Face cache ({repo}); download it first "
+            f"with `pip install huggingface_hub && hf download {repo_id}` (then pass the same id), or pass "
+            "the path of a local copy")
+    return snap
 
 
 def read_config(path, name="config.json"):
@@ -159,3 +189,28 @@ def resolve_dtype(dtype):
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
     return names[dtype]
+
+
+def save_sharded(state, path, max_shard_size=5 * 2**30):
+    """Write `state` ({name: tensor}) as safetensors shards of at most `max_shard_size` bytes, plus the index.
+
+    One shard is written as `model.safetensors` with no index, as Hugging Face does. Old weight files in `path` are removed first, so no stale shard is ever read with the new ones.
+    """
+    for f in list(path.glob("model*.safetensors")) + [path / "model.safetensors.index.json"]:
+        f.unlink(missing_ok=True)
+    shards, size = [{}], 0
+    for k, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][k], size = t, size + nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):  # own contiguous CPU copies: views (q/k/v, decoupled rows) share storage
+        save_file({k: torch.empty(t.shape, dtype=t.dtype).copy_(t) for k, t in shard.items()}, path / name,
+                  metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 import resampler
 import weights
+from reference import resampler_reference as reference
 
 CFG = resampler.ResamplerConfig(dim=32, dim_inner=48, num_latents=8, depth=2, heads=4, dim_head=16, ff_mult=4)
 G, N = 4, 10  # groups, media tokens per group
@@ -29,36 +30,6 @@ def inputs(seed=1):
     mask[1] = False  # a group that is all padding: only the latents themselves are visible
     mask[2] = True
     return x, mask
-
-
-def reference(sd, cfg, x, mask=None):
-    """The official OpenFlamingo / xgen-mm PerceiverResampler math, on official-name weights `sd`."""
-    def ln(t, name):  # nn.LayerNorm(dim), default eps 1e-5
-        return F.layer_norm(t, (cfg.dim,), sd[name + ".weight"], sd[name + ".bias"], eps=1e-5)
-
-    def heads(t):  # "b n (h d) -> b h n d"
-        return t.view(t.shape[0], t.shape[1], cfg.heads, cfg.dim_head).transpose(1, 2)
-
-    b = x.shape[0]
-    latents = sd["latents"].unsqueeze(0).repeat(b, 1, 1)
-    for i in range(cfg.depth):
-        p = f"layers.{i}."
-        media, lat = ln(x, p + "0.norm_media"), ln(latents, p + "0.norm_latents")
-        q = lat @ sd[p + "0.to_q.weight"].T
-        k, v = (torch.cat((media, lat), dim=-2) @ sd[p + "0.to_kv.weight"].T).chunk(2, dim=-1)
-        q, k, v = heads(q) * cfg.dim_head ** -0.5, heads(k), heads(v)
-        sim = torch.einsum("bhid,bhjd->bhij", q, k)
-        if mask is not None:
-            full = torch.cat((mask, torch.ones(b, cfg.num_latents, dtype=torch.bool)), dim=-1)
-            bias = torch.zeros(full.shape).masked_fill(~full, float("-inf"))
-            sim = sim + bias[:, None, None, :]
-        sim = sim - sim.amax(dim=-1, keepdim=True).detach()
-        out = torch.einsum("bhij,bhjd->bhid", sim.softmax(dim=-1), v)
-        out = out.transpose(1, 2).reshape(b, cfg.num_latents, -1)  # "b h n d -> b n (h d)"
-        latents = out @ sd[p + "0.to_out.weight"].T + latents
-        h = F.gelu(ln(latents, p + "1.0") @ sd[p + "1.1.weight"].T) @ sd[p + "1.3.weight"].T
-        latents = h + latents
-    return ln(latents, "norm") @ sd["projection.weight"].T + sd["projection.bias"]
 
 
 def max_diff(a, b):

@@ -1,29 +1,13 @@
 """phi3.Tokenizer against transformers' AutoTokenizer on the same files (a SentencePiece model trained here)."""
-import io
-import json
 import random
 
 import pytest
-import sentencepiece as spm
 
 import phi3
+from reference import LSTRIP, PHI3_ADDED, XGENMM_ADDED, write_tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("google.protobuf")  # transformers needs protobuf to read tokenizer.model
-
-WORDS = ("the a of to and in is it you that he was for on are with as his they be at one have this from "
-         "or had by word but what some we can out other were all there when up use your how said an each "
-         "she which do their time if will way about many then them write would like so these her long make "
-         "thing see him two has look more day could go come did number sound no most people my over know "
-         "water than call first who may down side been now find image picture red blue green circle square "
-         "triangle left right above below count answer question assistant user system").split()
-
-PHI3_ADDED = [("<|endoftext|>", False), ("<|assistant|>", True), ("<|placeholder1|>", True),
-              ("<|placeholder2|>", True), ("<|placeholder3|>", True), ("<|placeholder4|>", True),
-              ("<|system|>", True), ("<|end|>", True), ("<|placeholder5|>", True), ("<|placeholder6|>", True),
-              ("<|user|>", True)]  # (content, rstrip) as in Phi-3's tokenizer_config.json
-XGENMM_ADDED = ["<pad>", "<image>", "<image placeholder>", "<|endofchunk|>"]
-LSTRIP = "<|lstrip|>"  # a test token with lstrip and rstrip, so both branches meet the reference
 
 TEXTS = [
     "<|system|>\nA chat between a curious user and an artificial intelligence assistant.<|end|>\n<|user|>\n"
@@ -37,34 +21,6 @@ TEXTS = [
     "look: <|placeholder1|> x <|placeholder5|>y", "<unk> and <pad> tokens",
     "a \t <|lstrip|> \n b", "x<|lstrip|>y", "<|end|>\x1cx<|end|>\x1f", "  \u3000<|lstrip|>\u00a0z",
 ]
-
-
-def write_tokenizer(d, add_bos=False, xgenmm=False):
-    random.seed(0)
-    lines = [" ".join(random.choice(WORDS) for _ in range(random.randint(3, 14))) + random.choice([".", "?", "!", ""])
-             for _ in range(3000)]
-    lines += [f"{random.randint(0, 99999)} plus {random.randint(0, 999)} is {random.randint(0, 99999)}" for _ in range(300)]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=700, byte_fallback=True,
-        split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-        minloglevel=2)
-    (d / "tokenizer.model").write_bytes(model.getvalue())
-    n = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
-    dec = {str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                    "special": True} for i, c in enumerate(["<unk>", "<s>", "</s>"])}
-    added = [(c, r) for c, r in PHI3_ADDED] + ([(c, False) for c in XGENMM_ADDED + [LSTRIP]] if xgenmm else [])
-    for k, (c, r) in enumerate(added):
-        dec[str(n + k)] = {"content": c, "lstrip": c == LSTRIP, "normalized": False, "rstrip": r or c == LSTRIP,
-                           "single_word": False, "special": True}
-    cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": add_bos, "add_eos_token": False, "legacy": False,
-           "bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>",
-           "pad_token": "<pad>" if xgenmm else "<|endoftext|>", "added_tokens_decoder": dec,
-           "clean_up_tokenization_spaces": False, "model_max_length": 4096}
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (d / "added_tokens.json").write_text(json.dumps({c: n + k for k, (c, _) in enumerate(added)}))
-    return n
 
 
 @pytest.fixture(scope="module", params=[(False, True), (True, False)], ids=["xgenmm-nobos", "phi3-bos"])
@@ -109,6 +65,7 @@ def test_decode_of_bytes_cut_mid_character_equals_transformers(toks):
     ids = ref.encode("the 東京 🦊")
     byte_ids = [i for i in ids if ref.convert_ids_to_tokens(i).startswith("<0x")]
     assert len(byte_ids) >= 4  # the test model has no piece for these characters: byte fallback
+    assert [i for i in ids if ours.is_byte(i)] == byte_ids
     for cut in range(1, len(ids)):  # every prefix, most of them ending inside a character
         assert ours.decode(ids[:cut]) == ref.decode(ids[:cut])
     assert ours.decode(byte_ids[1:3]) == ref.decode(byte_ids[1:3])
@@ -144,3 +101,10 @@ def test_add_tokens_and_save_round_trip(tmp_path):
 def test_missing_model_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         phi3.Tokenizer.from_pretrained(tmp_path)
+
+
+def test_pickles_for_dataloader_workers(toks):
+    import pickle
+    ours, _, _ = toks
+    again = pickle.loads(pickle.dumps(ours))
+    assert all(again.encode(t) == ours.encode(t) for t in TEXTS) and len(again) == len(ours)
