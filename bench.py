@@ -29,11 +29,34 @@ directory of bench.py). CPU and fp32 only: the reference preprocesses and resamp
   also as a fraction of the memory-bandwidth bound, as above.
 Compiled rows run ours with the ViT and the resampler through torch.compile and `compile=True` decoding.
 
+    python bench.py train                           # a training step, tiny and small presets, fp32, CPU
+    python bench.py train --presets tiny --repeats 1 --no-compile   # a quick look
+
+`train` times a training step (forward + backward, no optimizer step; ViT frozen; resampler + LLM trained; loss
+= next-token cross-entropy summed over the supervised tokens) in tokens/s of the spliced sequence (text + vision
+tokens), on a fixed batch (4 samples at tiny, 2 at small: one 320x240 noise image each, 5 anyres views, and 96
+supervised text tokens), against the same step composed from `xgenmm_pair`'s reference on the same weights and
+batched as a transformers user would: SigLIP on all views at once (no_grad), the official resampler math on all
+groups at once (weights as leaf Parameters), the blocks spliced into right-padded inputs_embeds, and
+Phi3ForCausalLM(labels=...), its mean loss x the supervised tokens. Both sides get images preprocessed once,
+outside the step (a DataLoader's work: `data`). transformers' lm_head has no bias and all vocab_size rows
+(ours the first output_vocab_size): negligible, but the mean losses, which must agree within 1e-4 relative
+first, take the reference's through the decoupled head. FLOP/s (fraction of the matmul peak) counts 6 per
+trainable weight per token (embedding table out) + 2 per ViT weight per patch. Compiled rows compile the LLM
+blocks in place (train.py --compile).
+
     python bench.py data --data data/toy/mixtures/sft.json data/toy/mixtures/interleave.json
 
 `data` times data.py's pipeline (read, decode, any-resolution preprocessing, tokenize, collate) through a
 DataLoader with 2 workers, in samples/s, next to a `tiny` training step (forward + backward) on the same
 batches: the pipeline must outpace the step, or training waits for data.
+
+    python bench.py dpo                             # DPO step memory and speed: adapters-off reference vs a copy
+
+`dpo` runs one DPO step (2 preference pairs with an image each, rank-64 LoRA) with the reference as the
+same model with its adapters off (dpo.py's way) and with a second copy of the model, each in a fresh
+process, and reports the parameter memory, the peak resident memory and steps/s.
+
 transformers is needed only here and in the tests; the project itself never imports it.
 """
 import argparse
@@ -370,6 +393,152 @@ def full_model(args):
 
 
 # -----------------------------------------------------------------------------
+# a training step against the same step composed from transformers' modules
+
+TRAIN_BATCH, TEXT, PHOTO = {"tiny": 4, "small": 2}, 96, (320, 240)  # samples per step, text tokens, image (W, H)
+
+
+def train_batch(m, B):
+    """B samples, each one random-noise PHOTO and TEXT random supervised tokens: ids (B, 1 + TEXT), PIL images."""
+    g, (W, H) = torch.Generator().manual_seed(0), PHOTO
+    imgs = [Image.fromarray(torch.randint(0, 256, (H, W, 3), dtype=torch.uint8, generator=g).numpy())
+            for _ in range(B)]
+    text = torch.randint(3, m.config.initial_tokenizer_len, (B, TEXT), generator=g)
+    return torch.cat((torch.full((B, 1), m.config.image_token_id), text), 1), imgs
+
+
+def ref_pixels(ref, imgs):
+    """The official processor, image by image, once (a DataLoader's work): all views and (size, grid) per image."""
+    from tests.reference import divide_to_patches, processor, resize_and_pad_image, select_best_resolution
+    S, views, meta = ref.S, [], []
+    for img in imgs:
+        best = select_best_resolution(img.size, ref.grids)
+        crops = divide_to_patches(resize_and_pad_image(img, best), S)
+        views += [processor(v, S) for v in [img.resize((S, S))] + crops]
+        meta.append((img.size, (best[0] // S, best[1] // S)))
+    return torch.stack(views), meta
+
+
+def ref_groups(ref, feats, size, grid):
+    """One image's view features (1 + cols*rows, P, D) -> resampler groups and masks, as in
+    XGenMMReference.image_tokens (which runs one image under no_grad)."""
+    from tests.reference import unpad_image
+    (nw, nh), h, D = grid, ref.side, feats.shape[-1]
+    f = feats[1:].view(nh, nw, h, h, D).permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)  # (D, H, W)
+    f, mask = unpad_image(f, size, keep_original_shape=True)
+    f = f.flatten(1, 2).transpose(0, 1)  # (H*W, D)
+    return (torch.cat((feats[:1], f.reshape(-1, h * h, D))),
+            torch.cat((torch.ones(1, h * h, dtype=torch.bool), mask.flatten().view(-1, h * h))))
+
+
+def ref_inputs(ref, res, pixels, meta, ids):
+    """Batched: SigLIP once on every view (frozen), the official resampler math once on every group, each
+    sample's <image> replaced by its block, rows right-padded -> (inputs_embeds, attention_mask, labels)."""
+    from tests.reference import resampler_reference
+    with torch.no_grad():
+        feats = ref.siglip(pixel_values=pixels).last_hidden_state  # (V, P, D)
+    per_image = feats.split([1 + c * r for _, (c, r) in meta])
+    grouped = [ref_groups(ref, f, size, grid) for f, (size, grid) in zip(per_image, meta)]
+    tokens = resampler_reference(res, ref.rcfg, *(torch.cat(t) for t in zip(*grouped)))  # (G, L, C)
+    blocks = iter(t.flatten(0, 1) for t in tokens.split([len(g) for g, _ in grouped]))
+    extra = ref.extra["model.embed_tokens.additional_embedding.weight"]  # decoupled rows: ids >= initial
+    embeds = torch.where((ids >= ref.initial)[..., None], extra[(ids - ref.initial).clamp(0, len(extra) - 1)],
+                         ref.lm.model.embed_tokens(ids.clamp(max=ref.initial - 1)))  # (B, T, C)
+    rows_e, rows_l = [], []
+    for e, x in zip(embeds, ids):
+        i, blk = (x == ref.image_id).nonzero().item(), next(blocks)  # one image per sample here
+        rows_e.append(torch.cat((e[:i], blk, e[i + 1:])))
+        rows_l.append(torch.cat((x[:i], x.new_full((len(blk),), -100), x[i + 1:])))
+    pad = lambda rows, v: torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=v)  # noqa: E731
+    return pad(rows_e, 0.0), pad([torch.ones(len(r), dtype=torch.long) for r in rows_l], 0), pad(rows_l, -100)
+
+
+def train_parity(m, ref, res, batch, tol=1e-4):
+    """Mean loss of ours and of the reference. transformers' lm_head has no bias and all vocab_size rows, so the
+    reference's loss here goes from its hidden states through the decoupled head, as XGenMMReference.logits."""
+    (ids, images, pixels, meta), x = batch, ref.extra
+    with torch.no_grad():
+        ours = m(ids, images, labels=ids)[1].item()
+        embeds, mask, labels = ref_inputs(ref, res, pixels, meta, ids)
+        h = ref.lm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        w = torch.cat((ref.lm.lm_head.weight[: ref.initial], x["lm_head.additional_fc.weight"]))
+        b = torch.cat((x["lm_head.bias"][: ref.initial], x["lm_head.additional_fc.bias"]))
+        logits = (h @ w.T + b)[:, :-1]
+        theirs = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten()).item()
+    if abs(ours - theirs) > tol * abs(theirs):
+        raise AssertionError(f"training loss: ours {ours:.6f}, reference {theirs:.6f} (relative tolerance {tol})")
+    return {"ours": ours, "reference": theirs}
+
+
+def train_steps(m, ref, res, batch):
+    """The two steps timed: zero the grads (set to None), forward, backward of the summed loss."""
+    ids, images, pixels, meta = batch
+    n_sup = int((ref_inputs(ref, res, pixels, meta, ids)[2][:, 1:] != -100).sum())
+
+    def ours():
+        m.zero_grad(set_to_none=True)
+        m(ids, images, labels=ids, reduction="sum", return_logits=False)[1].backward()
+
+    def reference():
+        ref.lm.zero_grad(set_to_none=True)
+        for p in res.values():
+            p.grad = None
+        embeds, mask, labels = ref_inputs(ref, res, pixels, meta, ids)
+        loss = ref.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        (loss * n_sup).backward()  # its mean -> the sum ours takes (the same cost either way)
+    return ours, reference
+
+
+def train_flops(m, tokens, views):
+    """The estimate: 6 FLOPs per trainable weight (resampler + LLM, less the embedding table: a lookup) per
+    sequence token, + 2 per frozen ViT weight per patch; attention scores left out."""
+    trained = sum(p.numel() for k, p in m.named_parameters() if p.requires_grad and "embed_tokens" not in k)
+    vit_weights, v = sum(p.numel() for p in m.vision_encoder.parameters()), m.config.vision
+    return 6 * trained * tokens + 2 * vit_weights * views * (v.image_size // v.patch_size) ** 2
+
+
+def train_preset(preset, args, peak, tmp):
+    """Tokens/s of forward + backward (no optimizer step) of ours and of the reference on one fixed batch."""
+    m, ref = xgenmm_pair(preset, tmp)
+    m.train(), ref.lm.train(), ref.siglip.requires_grad_(False)
+    res = {k: torch.nn.Parameter(v.clone()) for k, v in ref.res_sd.items()}  # the trainable resampler, as leaves
+    ids, imgs = train_batch(m, TRAIN_BATCH[preset])
+    batch = (ids, model.Images.from_pil([[im] for im in imgs], m.config), *ref_pixels(ref, imgs))
+    B, T = ref_inputs(ref, res, *batch[2:], ids)[0].shape[:2]
+    flops = train_flops(m, B * T, len(batch[2]))
+    out = {"parity_loss": train_parity(m, ref, res, batch), "samples": B, "tokens_per_sample": T,
+           "flops_per_step": flops}
+    for comp in [False, True] if args.compile else [False]:
+        for block in m.lang_model.model.layers if comp else ():
+            block.compile()  # in place, as train.py --compile
+        a, r = alternate(*train_steps(m, ref, res, batch), CPU, args.repeats, B * T)
+        util = flops / (B * T) / peak
+        out["train" + "_compiled" * comp] = {"ours": a, "reference": r, "ours_frac": a * util,
+                                             "reference_frac": r * util}
+    return out
+
+
+def train_row(preset, key, r):
+    x, name = r[key], f"train step fwd+bwd ({r['samples']} samples x {r['tokens_per_sample']} tokens)"
+    name += ", ours compiled" if key.endswith("compiled") else ""
+    return (f"| {preset} | {name} | {x['ours']:,.0f} tok/s ({x['ours_frac']:.0%} of peak) | "
+            f"{x['reference']:,.0f} tok/s ({x['reference_frac']:.0%}) | {x['ours'] / x['reference']:.2f}x |")
+
+
+def train_bench(args):
+    peak = peak_matmul_flops(CPU, torch.float32)
+    print(f"cpu float32, {torch.get_num_threads()} threads; matmul peak {peak / 1e9:.0f} GFLOP/s")
+    results, rows = {"device": "cpu", "dtype": "float32", "peak_flops": peak}, []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for preset in args.presets:
+            r = results[preset] = train_preset(preset, args, peak, Path(tmp))
+            print(f"{preset}: mean training loss, ours {r['parity_loss']['ours']:.6f}, "
+                  f"reference {r['parity_loss']['reference']:.6f}")
+            rows += [train_row(preset, k, r) for k in ("train", "train_compiled") if k in r]
+    report("| preset | measure | ours | transformers-composed | ours / reference |", rows, results, args.json)
+
+
+# -----------------------------------------------------------------------------
 # the data pipeline: can it feed a training step?
 
 
@@ -414,13 +583,74 @@ def train_step_rate(cfg, batches, repeats):
     return sum(len(b["where"]) for b in batches) / t
 
 
-def common_flags(p, presets_help, compile_help):
+# -----------------------------------------------------------------------------
+# DPO: the reference as the same model with its adapters off, against a second copy
+
+
+def dpo_setup(preset, reference):
+    """A random model of `preset` with rank-64 LoRA and one batch of 2 preference pairs (one image each);
+    reference "adapters-off" (dpo.py's way) or "copy" (a second model held for the reference)."""
+    import copy
+    from types import SimpleNamespace
+    import data
+    import dpo
+    import lora
+    torch.manual_seed(0)
+    m = model.XGenMM(model.preset(preset)).train()
+    m.lang_model.init_weights()
+    ref = copy.deepcopy(m).eval().requires_grad_(False) if reference == "copy" else None
+    lora.apply_lora(m.lang_model, r=64, alpha=128)
+    lora.mark_only_lora_trainable(m)
+    ids, imgs = train_batch(m, 2)
+    rows = [{"input_ids": ids[b].tolist() + answer, "labels": [-100] * (TEXT + 1) + answer, "length": 0,
+             "images": [model.preprocess(imgs[b], m.config)], "where": f"pair {b}"}
+            for answer in ([5, 6, 7, 8] * 8, [9, 10, 11, 12] * 8) for b in range(2)]
+    batch = data.collate([{"chosen": rows[b], "rejected": rows[2 + b]} for b in range(2)], 0) | {"keys": [(0, 0)] * 2}
+    params = [p for p in m.parameters() if p.requires_grad]
+    args = SimpleNamespace(beta=0.1, loss="sigmoid", label_smoothing=0.0, clip=1.0)
+    s = SimpleNamespace(m=m, wrapped=m, opt=torch.optim.AdamW(params, lr=1e-4), params=params, args=args, world=1,
+                        device=CPU)
+    if ref is not None:  # the same step, the reference read from the copy instead
+        dpo.reference = lambda s, b, table: torch.no_grad()(dpo.logps)(ref, b)
+    return s, batch, dpo
+
+
+def dpo_one(args):
+    """One configuration in its own process, so the peak resident memory is this configuration's alone."""
+    import resource
+    s, batch, dpo = dpo_setup(args.preset, args.reference)
+    params = sum(p.numel() * p.element_size() for p in s.m.parameters())
+    if args.reference == "copy":
+        params *= 2  # the copy holds the same tensors again (without the adapters: within 3%)
+    dpo.dpo_step(s, [batch])  # warm-up
+    times = [timed(lambda: dpo.dpo_step(s, [batch]), CPU) for _ in range(args.repeats)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    print(json.dumps({"peak_rss": peak, "param_bytes": params, "steps_per_s": 1 / statistics.median(times)}))
+
+
+def dpo_bench(args):
+    import subprocess
+    import sys
+    results, rows = {}, []
+    for preset in args.presets:
+        for reference in ("adapters-off", "copy"):
+            out = subprocess.run([sys.executable, __file__, "dpo-one", "--preset", preset, "--reference", reference,
+                                  "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
+            r = results[f"{preset}/{reference}"] = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(f"| {preset} | {reference} | {r['param_bytes'] / 2**20:,.0f} MiB | "
+                        f"{r['peak_rss'] / 2**20:,.0f} MiB | {r['steps_per_s']:.2f} |")
+    report("| preset | DPO reference | parameter memory | peak RSS of the step | steps/s |", rows, results, args.json)
+
+
+def common_flags(p, presets_help, compile_help, bandwidth=True):
     p.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(SHAPES), help=presets_help)
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each side (median kept)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help=compile_help + "; transformers stays eager, as users run it")
-    p.add_argument("--bandwidth-gbs", type=float, default=None, help="read bandwidth to use instead of measuring it")
+    if bandwidth:
+        p.add_argument("--bandwidth-gbs", type=float, default=None,
+                       help="read bandwidth to use instead of measuring it")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
 
@@ -439,6 +669,11 @@ def main():
     common_flags(m, "model sizes to time (model.preset)",
                  "also time ours with the ViT and the resampler through torch.compile and compile=True decoding")
     m.set_defaults(run=full_model)
+    t = sub.add_parser("train", help="a training step (fwd+bwd, images + text, ViT frozen) against the same step "
+                                     "composed from transformers' modules, same weights, same batch (CPU, fp32)")
+    common_flags(t, "model sizes to time (model.preset)",
+                 "also time ours with the LLM blocks compiled in place, as train.py --compile", bandwidth=False)
+    t.set_defaults(run=train_bench)
     d = sub.add_parser("data", help="data.py's pipeline (samples/s with DataLoader workers) against a training step")
     d.add_argument("--data", nargs="+", required=True, help="mixture configs of a toy world (DIR/mixtures/*.json)")
     d.add_argument("--workers", type=int, default=2, help="DataLoader workers")
@@ -450,6 +685,19 @@ def main():
     d.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     d.add_argument("--json", default=None, help="also write the figures to this JSON file")
     d.set_defaults(run=data_pipeline)
+    o = sub.add_parser("dpo", help="a DPO step (2 pairs, LoRA r=64): reference = adapters off vs a second copy; "
+                                   "peak memory and steps/s, each configuration in its own process")
+    o.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(SHAPES), help="model sizes")
+    o.add_argument("--repeats", type=int, default=5, help="timed steps (median kept)")
+    o.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    o.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    o.set_defaults(run=dpo_bench)
+    one = sub.add_parser("dpo-one")  # internal: one configuration of `dpo`, in a fresh process
+    one.add_argument("--preset")
+    one.add_argument("--reference")
+    one.add_argument("--repeats", type=int, default=5)
+    one.add_argument("--threads", type=int, default=None)
+    one.set_defaults(run=dpo_one)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

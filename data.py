@@ -634,12 +634,13 @@ class Mixture(torch.utils.data.IterableDataset):
         return [(j * self.batch_size + k) * self.world + self.rank for k in range(self.batch_size)]
 
     def batch(self, j):
-        samples, bad, used = [], Counter(), Counter()
+        samples, bad, used, keys = [], Counter(), Counter(), []
         for p in self.positions(j):
             s, i = self.schedule(p)
             try:
                 samples.append(self.encoder(self.sources[s].record(i)))
                 used[self.sources[s].name] += 1
+                keys.append((s, i))
             except BadSample as e:
                 if self.strict:
                     raise
@@ -649,8 +650,12 @@ class Mixture(torch.utils.data.IterableDataset):
                     print(f"data: skipped {e}" + (" (further skips are only counted)" if self.reported == 20 else ""),
                           file=sys.stderr)
         where = [s["chosen"]["where"] if "chosen" in s else s["where"] for s in samples]
-        return collate(samples, self.pad_id) | {"batch_index": j, "bad": bad, "sources": used, "where": where,
-                                                "samples": len(samples) + sum(bad.values())}
+        rows = [r for s in samples for r in ([s["chosen"], s["rejected"]] if "chosen" in s else [s])]
+        # plain dicts: the DataLoader copies a Counter with .update(), which would double its counts
+        return collate(samples, self.pad_id) | {"batch_index": j, "bad": dict(bad), "sources": dict(used),
+                                                "where": where, "keys": keys,  # (source, item) of each sample
+                                                "samples": len(samples) + sum(bad.values()),
+                                                "tokens": sum(r["length"] for r in rows)}
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

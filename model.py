@@ -508,14 +508,15 @@ class XGenMM(nn.Module):
                 out[LM + theirs] = lm[ours][i: i + n]
         return out | {LM + k: v for k, v in lm.items()}
 
-    def save_pretrained(self, path, max_shard_size=5 * 2**30):
+    def save_pretrained(self, path, max_shard_size=5 * 2**30, state_dict=None):
         """The official layout: config.json, (sharded) safetensors under `vlm.*`, tokenizer and generation config.
 
         Loads with `from_pretrained` and, with the release's remote-code files beside it, in the official code.
+        `state_dict` replaces `official_state_dict()` (e.g. with LoRA adapters merged in, see lora.py).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        weights.save_sharded(self.official_state_dict(), path, max_shard_size)
+        weights.save_sharded(self.official_state_dict() if state_dict is None else state_dict, path, max_shard_size)
         (path / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2) + "\n")
         t = self.config.text
         gen = {"bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id}

@@ -312,6 +312,8 @@ class Phi3(nn.Module):
         inputs (shifted here); -100 is ignored; `reduction` "sum" lets a caller normalise over a whole
         optimiser step; `return_logits=False` returns (None, loss) from the fused chunked loss, which never
         builds the (B, T, V) logits. Decoding: after `setup_cache`, `input_pos` (T,) are the slots written.
+        `reduction="sequence"` returns (None, (B,) summed loss per row), from the logits of the supervised
+        positions only: the log-likelihood of each response, which DPO compares.
         """
         x = self.model.embed_tokens(idx) if embeds is None else embeds
         B, T, _ = x.shape
@@ -341,6 +343,8 @@ class Phi3(nn.Module):
             else:
                 x = block(x, cos, sin, mask, input_pos)
         x = self.model.norm(x[:, -1:] if last_only else x)
+        if labels is not None and reduction == "sequence":
+            return None, sequence_nll(x, *self.head_weights(), shift_labels(labels))
         if labels is not None and not return_logits:
             w, b = self.head_weights()
             return None, linear_cross_entropy(x, w, b, shift_labels(labels), reduction)
@@ -494,6 +498,15 @@ def convert_checkpoint(ckpt, prefix, model):
 def shift_labels(labels):
     """Position t predicts labels[t+1]: shift the labels (not the logits, which a slice would copy)."""
     return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+def sequence_nll(x, weight, bias, targets):
+    """Per row of x (B, T, C): the summed next-token loss over targets != -100, logits only where needed."""
+    keep = targets != -100
+    logits = F.linear(x[keep], weight, bias).float()  # (n, V): supervised positions only
+    nll = logits.logsumexp(-1) - logits.gather(-1, targets[keep][:, None])[:, 0]
+    rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(targets)[keep]
+    return torch.zeros(x.shape[0], device=x.device).index_add(0, rows, nll)
 
 
 def lm_loss(logits, labels, reduction="mean"):

@@ -6,7 +6,8 @@ recipe (pretraining, SFT, multi-image SFT, DPO, safety tuning, evaluation) runs 
 
 - A scene is 0-4 shapes {circle, square, triangle} x {red, green, blue, yellow} x {small, big} in a 3x3 grid
   of positions, never overlapping, each (colour, shape) at most once (so "the red circle" is unique), on a
-  light plain background; maybe a black word or number (a closed set) on a white label, maybe a hazard sign (a black-rimmed yellow triangle with "!") for the safety data.
+  light plain background; maybe a black word or number (a closed set) on a white label, maybe a hazard
+  sign (a black-rimmed yellow triangle with "!") for the safety data.
 - Every box lies on a 0.05 grid (20 units a side) and the shape is drawn exactly in it: cells are 6 units with
   1-unit gaps; a big shape fills its cell, a small one (4 units) sits at one of 3x3 offsets in it, so a box
   one unit off on one axis still has IoU 0.6. Boxes are written normalized with two decimals.

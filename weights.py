@@ -194,7 +194,8 @@ def resolve_dtype(dtype):
 def save_sharded(state, path, max_shard_size=5 * 2**30):
     """Write `state` ({name: tensor}) as safetensors shards of at most `max_shard_size` bytes, plus the index.
 
-    One shard is written as `model.safetensors` with no index, as Hugging Face does. Old weight files in `path` are removed first, so no stale shard is ever read with the new ones.
+    One shard is written as `model.safetensors` with no index, as Hugging Face does. Old weight files in
+    `path` are removed first, so no stale shard is ever read with the new ones.
     """
     for f in list(path.glob("model*.safetensors")) + [path / "model.safetensors.index.json"]:
         f.unlink(missing_ok=True)

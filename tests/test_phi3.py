@@ -309,3 +309,15 @@ def test_lm_head_bias_and_output_vocab(tmp_path):
         assert (m(idx) - ref).abs().max() <= 1e-4
         m.config.output_vocab_size = 300
         assert (m(idx) - ref[..., :300]).abs().max() <= 1e-4
+
+
+def test_sequence_reduction_is_the_summed_loss_of_each_row(pair):
+    _, ours, _ = pair
+    idx, mask = padded_batch("right")
+    labels = idx.masked_fill(mask == 0, -100)
+    labels[0, :5] = -100  # a prompt without loss
+    with torch.no_grad():
+        _, per_row = ours(idx, labels, attention_mask=mask, reduction="sequence")
+        logits = ours(idx, attention_mask=mask)
+    expected = torch.stack([phi3.lm_loss(logits[b:b + 1], labels[b:b + 1], "sum") for b in range(len(idx))])
+    assert per_row.shape == (len(idx),) and (per_row - expected).abs().max().item() <= 1e-3

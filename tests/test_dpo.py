@@ -1,0 +1,87 @@
+"""dpo.py: log 2 at the start, the margin grows, the reference stays fixed, precomputed == on the fly,
+bad pairs are counted, the merged checkpoint equals the trained policy."""
+import json
+import math
+
+import pytest
+import torch
+
+import data
+import dpo
+import model
+import train
+
+FAST = ["--workers", "0", "--max-len", "512", "--log-every", "1", "--save-every", "100", "--lora-r", "8",
+        "--lora-alpha", "16", "--lora-dropout", "0"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import toyworld
+    root = tmp_path_factory.mktemp("dpo")
+    toyworld.write_world(root / "world", seed=0, size="small")
+    train.main(["--data", str(root / "world" / "mixtures" / "sft.json"), "--out-dir", str(root / "sft"),
+                "--max-steps", "3", "--batch-size", "4", *FAST[:6]])
+    rows = [json.loads(x) for x in (root / "world" / "dpo" / "pairs.jsonl").read_text().splitlines()][:2]
+    for r in rows:
+        r["image"] = str(root / "world" / r["image"])
+    (root / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def run(setup, out, data_path, *extra):
+    s = dpo.main(["--init", str(setup / "sft"), "--data", str(data_path), "--out-dir", str(out), *FAST, *extra])
+    return s, [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_first_step_is_log_2_and_the_margin_grows(setup, tmp_path):
+    s, log = run(setup, tmp_path / "a", setup / "two.jsonl", "--batch-size", "2", "--max-steps", "8", "--lr", "2e-3")
+    assert abs(log[0]["loss"] - math.log(2)) <= 1e-6  # policy == reference: fresh adapters change nothing
+    assert log[0]["reward_chosen"] == 0 and log[0]["reward_rejected"] == 0 and log[0]["pairs"] == 2
+    assert log[-1]["margin"] > log[0]["margin"] + 0.05 and log[-1]["loss"] < log[0]["loss"]
+    assert log[-1]["accuracy"] == 1.0
+
+
+def fixed_batch(setup, m):
+    tok = m.tokenizer
+    src = data.open_sources(setup / "two.jsonl", tok.id_to_token(tok.eos_id))[0][0]
+    enc = data.Encoder(tok, m.config, 512)
+    return data.collate([enc(src.record(i)) for i in range(len(src))], tok.pad_id) | {"keys": [(0, 0), (0, 1)]}
+
+
+def test_reference_stays_fixed_and_the_merged_checkpoint_is_the_policy(setup, tmp_path):
+    s, _ = run(setup, tmp_path / "b", setup / "two.jsonl", "--batch-size", "2", "--max-steps", "4", "--lr", "2e-3")
+    init = model.XGenMM.from_pretrained(train.newest_checkpoint(setup / "sft")).train()
+    b = fixed_batch(setup, init)
+    with torch.no_grad():
+        before = dpo.logps(init, b)
+        after = dpo.reference(s, b, None)  # the trained model with its adapters off
+        policy = dpo.logps(s.m, b)
+        merged = dpo.logps(model.XGenMM.from_pretrained(tmp_path / "b" / "ckpt-0000004").train(), b)
+    assert (before - after).abs().max().item() <= 1e-5
+    assert (policy - before).abs().max().item() > 1e-3  # training moved the policy
+    assert (merged - policy).abs().max().item() <= 1e-3
+
+
+def test_precomputed_reference_equals_on_the_fly(setup, tmp_path):
+    args = ["--batch-size", "2", "--max-steps", "3", "--lr", "2e-3"]
+    _, fly = run(setup, tmp_path / "fly", setup / "two.jsonl", *args)
+    _, pre = run(setup, tmp_path / "pre", setup / "two.jsonl", *args, "--precompute-ref")
+    assert (tmp_path / "pre" / "ref_logps.safetensors").is_file()
+    for a, b in zip(fly, pre):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["margin"] - b["margin"]) <= 1e-5
+
+
+def test_bad_pairs_are_reported_not_used(setup, tmp_path):
+    rows = [json.loads(x) for x in (setup / "two.jsonl").read_text().splitlines()]
+    same = dict(rows[0], rejected=rows[0]["chosen"])
+    missing = dict(rows[1], image=str(tmp_path / "nope.png"))
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [same, missing]))
+    _, log = run(setup, tmp_path / "c", tmp_path / "bad.jsonl", "--batch-size", "4", "--max-steps", "2",
+                 "--max-bad-fraction", "0.6")
+    assert log[0]["pairs"] == 2 and log[-1]["bad_samples"] == 4  # two bad rows in each of the two steps
+
+
+def test_dpo_needs_an_initial_model(setup):
+    with pytest.raises(SystemExit, match="--init is required"):
+        dpo.main(["--data", str(setup / "two.jsonl")])

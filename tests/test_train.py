@@ -1,0 +1,195 @@
+"""train.py on the toy world (CPU): learning, freezing, LoRA, accumulation == big batch, DDP == one process,
+exact resume, a kill during a checkpoint write, bad samples."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--workers", "0", "--max-len", "512", "--log-every", "1", "--save-every", "100", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import toyworld
+    out = tmp_path_factory.mktemp("world")
+    toyworld.write_world(out, seed=0, size="small")
+    return out
+
+
+def run(world, out, *extra, mixture="pretrain"):
+    train.main(["--data", str(world / "mixtures" / f"{mixture}.json"), "--out-dir", str(out), *FAST, *extra])
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def params(ckpt):
+    return load_file(ckpt / "model.safetensors")
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_loss_falls_and_the_frozen_vit_stays(world, tmp_path):
+    one = tmp_path / "one.json"  # two samples: every batch is the same two, so the loss must fall
+    rows = json.loads((world / "sft" / "llava_sft.json").read_text())[:2]
+    for r in rows:
+        if "image" in r:
+            r["image"] = str(world / r["image"])
+    one.write_text(json.dumps(rows))
+    train.main(["--data", str(one), "--tokenizer", str(world / "tokenizer"), "--out-dir", str(tmp_path / "a"),
+                "--batch-size", "2", "--max-steps", "8", "--no-train-vit", *FAST])
+    log = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    assert log[0]["supervised_tokens"] > 0
+    torch.manual_seed(0)  # the initial weights, rebuilt from the same seed
+    tok = model.Tokenizer.from_pretrained(world / "tokenizer")
+    model.extend_tokenizer(tok)
+    init = train.toy_model(tok, "anyres").official_state_dict()
+    final = params(tmp_path / "a" / "ckpt-0000008")
+    vit = [k for k in final if k.startswith("vlm.vision_encoder.")]
+    assert vit and all(torch.equal(final[k], init[k]) for k in vit)  # frozen: bit for bit
+    assert not torch.equal(final["vlm.vision_tokenizer.latents"], init["vlm.vision_tokenizer.latents"])
+    assert model.XGenMM.from_pretrained(tmp_path / "a" / "ckpt-0000008").tokenizer is not None
+
+
+def test_accumulation_equals_one_big_batch(world, tmp_path):
+    run(world, tmp_path / "big", "--batch-size", "4", "--grad-accum", "1", "--max-steps", "2")
+    run(world, tmp_path / "acc", "--batch-size", "1", "--grad-accum", "4", "--max-steps", "2")
+    a, b = (json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[-1]) for d in ("big", "acc"))
+    assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["supervised_tokens"] == b["supervised_tokens"]
+    assert max_diff(params(tmp_path / "big" / "ckpt-0000002"), params(tmp_path / "acc" / "ckpt-0000002")) <= 1e-5
+
+
+def test_resume_is_exact(world, tmp_path):
+    full = run(world, tmp_path / "full", "--batch-size", "2", "--max-steps", "6", "--save-every", "3")
+    part = run(world, tmp_path / "part", "--batch-size", "2", "--max-steps", "6", "--stop-after", "3")
+    assert len(part) == 3
+    both = run(world, tmp_path / "part", "--batch-size", "2", "--max-steps", "6", "--resume")
+    assert [r["loss"] for r in both] == [r["loss"] for r in full]  # bit for bit, step by step
+    assert [r["grad_norm"] for r in both] == [r["grad_norm"] for r in full]
+    assert max_diff(params(tmp_path / "full" / "ckpt-0000006"), params(tmp_path / "part" / "ckpt-0000006")) == 0
+
+
+def test_safety_trains_only_lora_and_saves_a_merged_model(world, tmp_path):
+    run(world, tmp_path / "base", "--batch-size", "2", "--max-steps", "1")
+    base = tmp_path / "base" / "ckpt-0000001"
+    run(world, tmp_path / "safe", "--stage", "safety", "--init", str(tmp_path / "base"), "--batch-size", "2",
+        "--max-steps", "3",
+        "--lora-r", "4", "--lora-alpha", "8", mixture="safety")
+    ckpt = tmp_path / "safe" / "ckpt-0000003"
+    before, after = params(base), params(ckpt)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    targets = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    assert changed and all(k.startswith("vlm.lang_model.") and k.split(".")[-2] in targets for k in changed)
+    adapters = load_file(ckpt / "trainer" / "adapters.safetensors")
+    assert adapters and all(".lora_" in k for k in adapters)
+    m = model.XGenMM.from_pretrained(ckpt)  # merged: a plain checkpoint in the official layout
+    assert m.tokenizer is not None
+
+
+def test_bad_samples_are_skipped_and_counted(world, tmp_path):
+    rows = json.loads((world / "sft" / "llava_sft.json").read_text())[:12]
+    for r in rows:
+        if "image" in r:
+            r["image"] = str(world / r["image"])
+    rows[1]["image"] = str(tmp_path / "missing.png")
+    (tmp_path / "bad.json").write_text(json.dumps(rows))
+    train.main(["--data", str(tmp_path / "bad.json"), "--tokenizer", str(world / "tokenizer"), "--out-dir",
+                str(tmp_path / "b"), "--batch-size", "4", "--max-steps", "3", "--max-bad-fraction", "0.5", *FAST])
+    log = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["bad_samples"] >= 1 and len(log) == 3
+    with pytest.raises(RuntimeError, match="samples were bad"):
+        train.main(["--data", str(tmp_path / "bad.json"), "--tokenizer", str(world / "tokenizer"), "--out-dir",
+                    str(tmp_path / "c"), "--batch-size", "4", "--max-steps", "60", "--max-bad-fraction", "0.01",
+                    *FAST])  # judged once 200 samples are seen
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def torchrun(world, out, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", free_port(),
+           "train.py", "--data", str(world / "mixtures" / "sft.json"), "--out-dir", str(out), *FAST, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_equal_one(world, tmp_path, fsdp):
+    torch.set_num_threads(1)
+    try:
+        run(world, tmp_path / "one", "--batch-size", "4", "--max-steps", "2", mixture="sft")
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    torchrun(world, tmp_path / "two", "--batch-size", "2", "--max-steps", "2", *(["--fsdp"] if fsdp else []))
+    one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["supervised_tokens"] for r in one] == [r["supervised_tokens"] for r in two]
+    assert all(abs(a["loss"] - b["loss"]) <= 1e-5 for a, b in zip(one, two))
+    assert max_diff(params(tmp_path / "one" / "ckpt-0000002"), params(tmp_path / "two" / "ckpt-0000002")) <= 1e-5
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one(world, tmp_path):
+    out = tmp_path / "k"
+    slow_save = (  # the real save, made slow after the model files are written, so the kill lands inside it
+        "import sys, time, train\n"
+        "real = train.xgenmm.XGenMM.save_pretrained\n"
+        "def slow(self, *a, **k):\n"
+        "    r = real(self, *a, **k)\n"
+        "    if 'ckpt-0000004' in str(a[0]): print('SAVING', flush=True); time.sleep(60)\n"
+        "    return r\n"
+        "train.xgenmm.XGenMM.save_pretrained = slow\n"
+        "train.main(sys.argv[1:])\n")
+    args = ["--data", str(world / "mixtures" / "pretrain.json"), "--out-dir", str(out), *FAST, "--batch-size", "2",
+            "--max-steps", "6", "--save-every", "2"]
+    p = subprocess.Popen([sys.executable, "-c", slow_save, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if "SAVING" in line:
+            break
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert (out / ".tmp-ckpt-0000004").is_dir() and not (out / "ckpt-0000004").exists()
+    assert train.newest_checkpoint(out).name == "ckpt-0000002"
+    model.XGenMM.from_pretrained(out / "ckpt-0000002")  # loads
+    log = run(world, out, "--batch-size", "2", "--max-steps", "6", "--save-every", "2", "--resume")
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and (out / "ckpt-0000006").is_dir()
+    full = run(world, tmp_path / "full", "--batch-size", "2", "--max-steps", "6", "--save-every", "2")
+    assert [r["loss"] for r in log] == [r["loss"] for r in full]
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(world, tmp_path, monkeypatch):
+    lin = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(lin.parameters())
+    before = [p.detach().clone() for p in lin.parameters()]
+
+    class Nan(torch.nn.Module):  # a model whose loss is NaN
+        def forward(self, ids, images, mask, labels, **kw):
+            return None, lin(torch.ones(1, 2)).sum() * float("nan")
+    batch = {"input_ids": torch.ones(1, 3, dtype=torch.long), "labels": torch.ones(1, 3, dtype=torch.long),
+             "images": None, "attention_mask": None}
+    args = train.build_parser().parse_args([])
+    s = SimpleNamespace(wrapped=Nan(), opt=opt, params=list(lin.parameters()), args=args, world=1,
+                        device=torch.device("cpu"))
+    rec = train.train_step(s, [batch])
+    assert rec["grad_norm"] is None and rec["loss"] != rec["loss"]  # skipped, NaN reported
+    assert all(torch.equal(a, b) for a, b in zip(before, lin.parameters())) and lin.weight.grad is None
+    monkeypatch.setattr(train, "train_step", lambda s, micro: {"loss": float("nan"), "grad_norm": None})
+    with pytest.raises(SystemExit, match="3 steps in a row had a NaN/inf loss"):
+        run(world, tmp_path / "nan", "--batch-size", "2", "--max-steps", "10", "--max-nonfinite", "3")

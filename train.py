@@ -1,0 +1,517 @@
+"""
+Train xGen-MM: pretraining, SFT, interleaved (multi-image) SFT and safety tuning, one objective (next-token
+loss on the supervised text), on a CPU, one GPU, or many with torchrun.
+
+    python train.py                                            # toy world pretraining on a CPU (~5 minutes)
+    python train.py --stage sft --init out/pretrain --data data/toy/mixtures/sft.json
+    python train.py --stage pretrain --init siglip-so400m-patch14-384 Phi-3-mini-4k-instruct \\
+        --data mixtures/pretrain.json --device cuda --batch-size 8 --grad-accum 8 --grad-checkpointing
+    torchrun --nproc_per_node=8 train.py --stage sft --init Salesforce/xgen-mm-phi3-mini-base-r-v1.5 \\
+        --data mixtures/sft.json --batch-size 4 --grad-accum 2 --fsdp --grad-checkpointing
+    python train.py --stage sft --resume                       # continue out/sft exactly where it stopped
+
+What is notable:
+1. What trains follows the paper (SPEC section 5): the ViT is frozen in every stage; pretraining and SFT
+   train the resampler and the LLM; safety tuning trains LoRA adapters (lora.py) on the LLM only.
+2. The toy world has no pretrained SigLIP to freeze, so a model started from scratch (no --init) trains its
+   ViT during pretraining (--train-vit defaults to on there): a frozen random ViT would hand the resampler
+   random projections of pixels. Every later stage freezes it, as the paper does.
+3. The loss is summed over tokens and divided by the supervised tokens of the whole optimiser step (all
+   micro-batches, all ranks), so gradient accumulation and data parallelism give the update of one big batch.
+4. Checkpoints are directories written under a temporary name and renamed when complete: the model in the
+   official layout (XGenMM.from_pretrained and sample.py load it), the optimiser, the RNG states, the data
+   position and the arguments. --resume continues from the newest complete one, bit for bit.
+5. A step whose loss is NaN or inf is skipped and counted; too many in a row stop the run.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import data
+import lora
+import model as xgenmm
+
+STAGES = ("pretrain", "sft", "interleave", "safety")
+LORA_STAGES = ("safety", "dpo")  # dpo.py runs the loop below with stage "dpo"
+TOY = Path("data/toy")
+DEFAULT_LR = {"pretrain": 1e-4, "sft": 2e-5, "interleave": 2e-5, "safety": 1e-4, "dpo": 5e-5}  # SPEC 5; LoRA higher
+TOY_LR = 1e-3  # a tiny model trained from scratch on the toy world learns fast at this rate
+
+# -----------------------------------------------------------------------------
+# arguments
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--stage", default="pretrain", choices=STAGES, help="what to train (default: pretrain)")
+    g.add_argument("--out-dir", default=None, help="run directory for checkpoints and metrics.jsonl (default: out/<stage>)")
+    g.add_argument("--init", nargs="+", default=None, metavar="PATH",
+                   help="start from: an xGen-MM checkpoint (or a Hub id in the local cache), a previous run "
+                        "directory (its newest checkpoint), or two paths SIGLIP PHI3 (a new model with a fresh "
+                        "resampler). Default: a new `tiny` model sized to the toy world's tokenizer")
+    g.add_argument("--data", default=None, help="a mixture config (JSON with 'sources') or one dataset path "
+                                                 "(default: the toy world's mixture for the stage, written if missing)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer of a model started from scratch (default: the "
+                                                      "`tokenizer/` folder of the toy world that holds --data)")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                   help="continue from the newest complete checkpoint in --out-dir, exactly")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="save and exit after N steps of this invocation (for job time limits; --resume goes on)")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: 200 on the toy world, else 1000)")
+    g.add_argument("--batch-size", type=int, default=8, help="samples per micro-batch per rank")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    g.add_argument("--max-len", type=int, default=2048, help="tokens per sample, images counted as their vision tokens")
+    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {TOY_LR:g} from scratch, "
+                                                         f"else per stage {DEFAULT_LR})")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: 5%% of --max-steps)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (paper: 0)")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
+    g.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    g = p.add_argument_group("model")
+    g.add_argument("--strategy", default="anyres", choices=xgenmm.STRATEGIES, help="image strategy of a new model")
+    g.add_argument("--train-vit", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the ViT too (default: only when pretraining a model from scratch; see above)")
+    g.add_argument("--lora-r", type=int, default=64, help="safety stage: LoRA rank")
+    g.add_argument("--lora-alpha", type=float, default=128.0, help="safety stage: LoRA alpha (scale alpha / r)")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="safety stage: LoRA dropout")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
+                   help="shard parameters, gradients and optimiser state with FSDP2 (fully_shard) instead of DDP")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute the LLM blocks' activations in the backward pass (less memory, ~30%% slower)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the LLM blocks")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
+    g.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 peak for the MFU (H100 SXM: 989)")
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--log-every", type=int, default=10, help="a log line (and metrics.jsonl record) every N steps")
+    g.add_argument("--save-every", type=int, default=100, help="a checkpoint every N steps (and at the end)")
+    g.add_argument("--keep", type=int, default=2, help="checkpoints kept (oldest removed)")
+    g.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop when more bad samples than this")
+    g.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many NaN/inf steps in a row")
+    return p
+
+
+def finish_args(args):
+    args.out_dir = args.out_dir or f"out/{args.stage}"
+    toy = args.data is None
+    if toy:
+        args.data = str(TOY / "mixtures" / f"{args.stage}.json")
+    if args.max_steps is None:
+        args.max_steps = 200 if toy else 1000
+    if args.lr is None:
+        args.lr = TOY_LR if args.init is None else DEFAULT_LR[args.stage]
+    if args.warmup is None:
+        args.warmup = max(1, args.max_steps // 20)
+    if args.train_vit is None:
+        args.train_vit = args.init is None and args.stage == "pretrain"
+    return args
+
+# -----------------------------------------------------------------------------
+# distributed
+
+
+def setup_distributed(args):
+    """(rank, world, device). Under torchrun: one process per GPU (nccl) or per CPU slot (gloo)."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(args.device)
+    cuda = args.device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def print0(*a, **kw):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **kw, flush=True)
+
+
+def all_sum(x):
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def newest_checkpoint(run_dir):
+    """The newest complete checkpoint directory of a run (complete = renamed from its temporary name)."""
+    ckpts = sorted(Path(run_dir).glob("ckpt-*"))
+    return ckpts[-1] if ckpts else None
+
+
+def world_tokenizer(path):
+    """The `tokenizer/` folder of the toy world a dataset path lies in (the nearest folder above that has one)."""
+    for d in Path(path).resolve().parents:
+        if (d / "tokenizer" / "tokenizer.model").is_file():
+            return d / "tokenizer"
+    raise SystemExit(f"train.py: no tokenizer/ folder above {path}; pass --tokenizer or --init")
+
+
+def toy_model(tokenizer, strategy):
+    """A new `tiny` xGen-MM whose vocabulary fits the toy world's tokenizer (extended with the xGen-MM tokens)."""
+    cfg = xgenmm.preset("tiny", strategy)
+    t = cfg.text
+    t.vocab_size, t.output_vocab_size = -(-len(tokenizer) // 64) * 64, len(tokenizer)
+    t.bos_token_id, t.pad_token_id = tokenizer.bos_id, tokenizer.pad_id
+    t.eos_token_id = [tokenizer.eos_id, tokenizer.token_to_id("<|end|>")]
+    cfg.initial_tokenizer_len = tokenizer.token_to_id("<image>")
+    m = xgenmm.XGenMM(cfg)
+    m.lang_model.init_weights()
+    m.tokenizer = tokenizer
+    return m
+
+
+def load_model(args):
+    """The model to train, from --init (see --help); the ViT frozen unless --train-vit."""
+    if args.init is None:
+        tok = xgenmm.Tokenizer.from_pretrained(args.tokenizer or world_tokenizer(args.data))
+        xgenmm.extend_tokenizer(tok)
+        m = toy_model(tok, args.strategy)
+    elif len(args.init) == 2:
+        m = xgenmm.XGenMM.from_components(*args.init, strategy=args.strategy)
+    else:
+        path = Path(args.init[0])
+        ckpt = newest_checkpoint(path) if path.is_dir() and not (path / "config.json").is_file() else None
+        m = xgenmm.XGenMM.from_pretrained(ckpt or args.init[0])
+    if m.tokenizer is None:
+        raise SystemExit(f"train.py: {args.init}: the checkpoint has no tokenizer files; training needs them")
+    return m
+
+
+def configure(m, args):
+    """Freeze what the stage does not train; LoRA for safety. Returns a printable summary."""
+    m.vision_encoder.requires_grad_(bool(args.train_vit))
+    if args.stage in LORA_STAGES:
+        lora.apply_lora(m.lang_model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+        m.requires_grad_(False)
+        for name, p in m.named_parameters():
+            p.requires_grad_(".lora_" in name)
+    trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in m.parameters())
+    parts = {n: sum(p.numel() for p in getattr(m, n).parameters() if p.requires_grad)
+             for n in ("vision_encoder", "vision_tokenizer", "lang_model")}
+    lm = sum(p.numel() for n, p in m.lang_model.named_parameters() if ".lora_" not in n)
+    share = f"; LoRA r={args.lora_r}: {trainable / lm:.2%} of the LLM's weights" if args.stage in LORA_STAGES else ""
+    return (f"parameters: {trainable / 1e6:.2f}M trainable, {(total - trainable) / 1e6:.2f}M frozen "
+            f"({', '.join(f'{k} {v / 1e6:.2f}M' for k, v in parts.items())} trainable){share}")
+
+
+def wrap(m, args, device, world):
+    """DDP (default) or FSDP2 across ranks; the unwrapped model stays `m` for saving."""
+    if args.grad_checkpointing:
+        m.lang_model.gradient_checkpointing = True
+    if args.compile:
+        for block in m.lang_model.model.layers:
+            block.compile()
+    if world == 1:
+        return m
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in m.lang_model.model.layers:
+            fully_shard(block)
+        return fully_shard(m)
+    from torch.nn.parallel import DistributedDataParallel
+    # text-only batches leave the resampler unused: DDP must not wait for its gradients then
+    return DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+# -----------------------------------------------------------------------------
+# optimiser and schedule
+
+
+def make_optimizer(m, args, device):
+    """AdamW; weight decay on matrices only (norms, biases and the resampler's latents are not decayed)."""
+    params = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.dim() >= 2 and "latents" not in n]
+    rest = [p for n, p in params if not (p.dim() >= 2 and "latents" not in n)]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+
+
+def lr_at(step, args):
+    """Linear warm-up to --lr, then cosine down to lr * --min-lr-ratio at --max-steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = min(1.0, (step - args.warmup) / max(1, args.max_steps - args.warmup))
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+# -----------------------------------------------------------------------------
+# checkpoints: a directory per step, written under a temporary name, renamed when complete
+
+
+def plain_model(m, wrapped, args):
+    """A model whose parameters are whole tensors, for saving: `m` itself unless FSDP sharded it."""
+    if not args.fsdp or not dist.is_initialized():
+        return m
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    with torch.device("meta"):
+        full = xgenmm.XGenMM(m.config)
+        if args.stage in LORA_STAGES:
+            lora.apply_lora(full.lang_model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    if dist.get_rank() == 0:
+        full.load_state_dict(state, assign=True)
+    full.tokenizer = m.tokenizer
+    return full
+
+
+def optimizer_state(wrapped, opt):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(run_dir, step, m, wrapped, opt, trainer, args):
+    """ckpt-{step}/: the model (official layout; LoRA merged) and trainer/ (optimizer, RNG per rank, adapters,
+    step, data position, arguments)."""
+    run_dir = Path(run_dir)
+    tmp, final = run_dir / f".tmp-ckpt-{step:07d}", run_dir / f"ckpt-{step:07d}"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    full, osd = plain_model(m, wrapped, args), optimizer_state(wrapped, opt)  # collectives: every rank
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = full.official_state_dict()
+        if args.stage in LORA_STAGES:
+            state = lora.merged_state_dict(full.lang_model, state, prefix=xgenmm.LM)
+        full.save_pretrained(tmp, state_dict=state)
+        (tmp / "trainer").mkdir()  # training state in its own folder: the model folder stays a plain checkpoint
+        if args.stage in LORA_STAGES:
+            lora.save_adapters(full, tmp / "trainer" / "adapters.safetensors")
+        tensors = {f"state.{fqn}.{k}": v.contiguous() for fqn, s in osd["state"].items() for k, v in s.items()
+                   if torch.is_tensor(v)}
+        save_file(tensors, tmp / "trainer" / "optimizer.safetensors")
+        (tmp / "trainer" / "trainer.json").write_text(json.dumps({**trainer, "param_groups": osd["param_groups"],
+                                                      "args": vars(args)}, indent=1))
+    barrier()
+    rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+    save_file(rng, tmp / "trainer" / f"rng-{rank}.safetensors")
+    barrier()
+    if rank == 0:
+        os.replace(tmp, final)  # the checkpoint exists, complete, or not at all
+        for old in sorted(run_dir.glob("ckpt-*"))[: -args.keep]:
+            shutil.rmtree(old)
+    barrier()
+
+
+def load_checkpoint(ckpt, m, wrapped, opt, args):
+    """Optimizer, RNG and (for LoRA) adapters from `ckpt`; returns the trainer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    trainer = json.loads((ckpt / "trainer" / "trainer.json").read_text())
+    if args.stage in LORA_STAGES:
+        lora.load_adapters(m, ckpt / "trainer" / "adapters.safetensors")
+    state = {}
+    for key, v in load_file(ckpt / "trainer" / "optimizer.safetensors").items():
+        fqn, _, k = key.removeprefix("state.").rpartition(".")
+        state.setdefault(fqn, {})[k] = v
+    set_optimizer_state_dict(wrapped, opt, {"state": state, "param_groups": trainer["param_groups"]},
+                             options=StateDictOptions(full_state_dict=True))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng = load_file(ckpt / "trainer" / f"rng-{rank}.safetensors")
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return trainer
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+# -----------------------------------------------------------------------------
+# one optimiser step
+
+
+def train_step(s, micro):
+    """Forward/backward over the micro-batches, then one optimiser step unless the loss is not finite.
+
+    Returns {"loss": mean per supervised token, "grad_norm": None if skipped, "supervised_tokens"}.
+    """
+    wrapped, world, device = s.wrapped, s.world, s.device
+    n_sup = all_sum(torch.tensor(float(sum((b["labels"][:, 1:] != -100).sum() for b in micro)), device=device))
+    scale = world / n_sup.clamp(min=1)  # DDP averages over ranks: x world makes it the global sum / n_sup
+    total = torch.zeros((), device=device)
+    for k, b in enumerate(micro):
+        if empty(b, world):
+            continue
+        with sync_grads(wrapped, k == len(micro) - 1), autocast(device):
+            _, loss_sum = wrapped(b["input_ids"], b["images"], b["attention_mask"], labels=b["labels"],
+                                  reduction="sum", return_logits=False)
+        (loss_sum * scale).backward()
+        total += loss_sum.detach().float()
+    loss = all_sum(total) / n_sup.clamp(min=1)
+    return {"loss": loss.item(), "grad_norm": optimizer_step(s, loss), "supervised_tokens": int(n_sup)}
+
+
+def empty(batch, world):
+    """A micro-batch whose samples were all bad: skipped alone; with several ranks the collectives forbid it."""
+    if batch["input_ids"].numel() and batch["input_ids"].shape[1]:
+        return False
+    if world > 1:
+        raise RuntimeError("a whole micro-batch was bad samples; use a larger --batch-size")
+    return True
+
+
+def sync_grads(wrapped, last):
+    """DDP reduces gradients only after the last micro-batch of a step (no_sync before it)."""
+    return nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+
+
+def autocast(device):
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def optimizer_step(s, loss):
+    """Clip and step, or skip (return None) when the loss is NaN/inf; the gradients are cleared either way."""
+    norm = None
+    if torch.isfinite(loss):
+        norm = float(torch.nn.utils.clip_grad_norm_(s.params, s.args.clip if s.args.clip > 0 else float("inf")))
+        s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
+    return norm
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def prepare_data(args, rank):
+    """Write the toy world when the default data is asked for and missing."""
+    if not Path(args.data).exists() and Path(args.data).is_relative_to(TOY):
+        if rank == 0:
+            import toyworld
+            print0(f"writing the toy world to {TOY} (once, ~30 s)")
+            toyworld.write_world(TOY, seed=0, size="medium")
+        barrier()
+
+
+class Session:
+    """Everything a run holds: arguments, the model (plain and wrapped), optimiser, trainer state, ranks."""
+
+    def __init__(self, args):
+        self.args = args
+        self.rank, self.world, self.device = setup_distributed(args)
+        prepare_data(args, self.rank)
+        self.run_dir = Path(args.out_dir)
+        resume = newest_checkpoint(self.run_dir) if args.resume else None
+        if args.resume and resume is None:
+            print0(f"--resume: no checkpoint in {self.run_dir} yet, starting from the beginning")
+        torch.manual_seed(args.seed)
+        if resume is not None and args.stage not in LORA_STAGES:  # the checkpoint holds the model itself
+            m = xgenmm.XGenMM.from_pretrained(resume)
+        else:  # a new run, or LoRA: the base from --init, the adapters from the checkpoint
+            m = load_model(args)
+        print0(configure(m, args))
+        self.m = m.to(self.device).train()
+        self.wrapped = wrap(m, args, self.device, self.world)
+        self.params = [p for p in m.parameters() if p.requires_grad]
+        self.opt = make_optimizer(m, args, self.device)  # after wrapping: FSDP2 replaced the parameters
+        self.trainer = {"step": 0, "nonfinite": 0, "seen": 0, "bad": {}}
+        if resume is not None:
+            self.trainer = load_checkpoint(resume, m, self.wrapped, self.opt, args)
+            print0(f"resumed from {resume} at step {self.trainer['step']}")
+
+    def sources(self):
+        tok = self.m.tokenizer
+        return data.open_sources(self.args.data, tok.id_to_token(tok.eos_id))
+
+    def close(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv=None):
+    s = Session(finish_args(build_parser().parse_args(argv)))
+    run(s, s.sources(), train_step)
+    s.close()
+    return s
+
+
+def run(s, sources, step_fn):
+    """The loop: data, `step_fn` per optimiser step, logging, checkpoints. step_fn(s, micro) -> metrics dict
+    with at least "loss" and "grad_norm" (None when the step was skipped for a NaN/inf loss)."""
+    args, m, tok, start = s.args, s.m, s.m.tokenizer, s.trainer["step"]
+    mixture = data.Mixture(sources, data.Encoder(tok, m.config, args.max_len), args.batch_size, tok.pad_id,
+                           seed=args.seed, rank=s.rank, world=s.world, start_batch=start * args.grad_accum)
+    batches = iter(data.loader(mixture, num_workers=args.workers))
+    tally = data.Tally(args.max_bad_fraction)
+    tally.seen, tally.bad = s.trainer["seen"], Counter(s.trainer["bad"])
+    metrics = s.run_dir / "metrics.jsonl"
+    if s.rank == 0:
+        s.run_dir.mkdir(parents=True, exist_ok=True)
+        keep_metrics(metrics, start)
+    bar = tqdm(total=args.max_steps, initial=start, disable=s.rank != 0, desc=args.stage, dynamic_ncols=True)
+    t0, tokens = time.perf_counter(), 0
+    for step in range(start, args.max_steps):
+        for g in s.opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        micro = [next(batches) for _ in range(args.grad_accum)]
+        bad = sum((Counter(b["bad"]) for b in micro), Counter())
+        seen_bad = all_sum(torch.tensor([sum(b["samples"] for b in micro), sum(bad.values())]))
+        # the same totals on every rank, so every rank stops alike once too many samples are bad
+        tally.update(int(seen_bad[0]), bad if s.world == 1 else {"bad (all ranks)": int(seen_bad[1])})
+        rec = step_fn(s, micro)
+        s.trainer["nonfinite"] = 0 if rec["grad_norm"] is not None else s.trainer["nonfinite"] + 1
+        if s.trainer["nonfinite"] >= args.max_nonfinite:
+            raise SystemExit(f"train.py: {s.trainer['nonfinite']} steps in a row had a NaN/inf loss (last "
+                             f"{rec['loss']}); lower --lr or check the data")
+        tokens += int(all_sum(torch.tensor(sum(b["tokens"] for b in micro))))
+        s.trainer.update(step=step + 1, seen=tally.seen, bad=dict(tally.bad))
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        if s.rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.max_steps):
+            log(bar, metrics, rec, step, start, tokens, time.perf_counter() - t0, tally, s)
+        stop = args.stop_after is not None and step + 1 - start >= args.stop_after
+        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or stop:
+            save_checkpoint(s.run_dir, step + 1, m, s.wrapped, s.opt, s.trainer, args)
+        if stop:
+            break
+    bar.close()
+    last = newest_checkpoint(s.run_dir)
+    print0(f"done: {last if last else s.run_dir} (bad samples: {tally.report()})")
+
+
+def log(bar, metrics, rec, step, start, tokens, dt, tally, s):
+    """One line on the console and one record in metrics.jsonl."""
+    args = s.args
+    rec = {"step": step + 1, **rec, "lr": lr_at(step, args), "tokens_per_s": tokens / dt,
+           "skipped_nonfinite": rec["grad_norm"] is None, "bad_samples": sum(tally.bad.values()), "elapsed_s": dt}
+    if s.device.type == "cuda":  # 6 FLOPs per LLM weight per token: the usual estimate, ViT and resampler aside
+        n_lm = sum(p.numel() for p in s.m.lang_model.parameters())
+        rec["mfu"] = 6 * n_lm * rec["tokens_per_s"] / (args.peak_tflops * 1e12 * s.world)
+    with open(metrics, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    eta = dt / (step + 1 - start) * (args.max_steps - step - 1)
+    shown = " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if k not in ("step", "loss", "lr", "grad_norm",
+                       "tokens_per_s", "skipped_nonfinite", "elapsed_s", "mfu") and isinstance(v, (int, float)))
+    bar.write(f"step {step + 1} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | grad-norm "
+              f"{rec['grad_norm'] or float('nan'):.3f} | {rec['tokens_per_s']:,.0f} tok/s"
+              + (f" | MFU {rec['mfu']:.1%}" if "mfu" in rec else "") + f" | {shown} | ETA {eta:.0f}s")
+
+
+def keep_metrics(path, step):
+    """On resume, drop the metrics of steps after the checkpoint: they are logged again."""
+    if path.is_file():
+        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+        path.write_text("".join(l + "\n" for l in lines))
+
+
+if __name__ == "__main__":
+    main()
