@@ -181,7 +181,7 @@ def toy_model(tokenizer, strategy):
 
 
 def load_model(args):
-    """The model to train, from --init (see --help); the ViT frozen unless --train-vit."""
+    """The model to start from: --init (see --help), or a new tiny model for the toy world."""
     if args.init is None:
         tok = xgenmm.Tokenizer.from_pretrained(args.tokenizer or world_tokenizer(args.data))
         xgenmm.extend_tokenizer(tok)
@@ -198,13 +198,12 @@ def load_model(args):
 
 
 def configure(m, args):
-    """Freeze what the stage does not train; LoRA for safety. Returns a printable summary."""
+    """Freeze what the stage does not train (the ViT unless --train-vit; all but LoRA for safety and DPO).
+    Returns a printable summary of the parameter counts."""
     m.vision_encoder.requires_grad_(bool(args.train_vit))
     if args.stage in LORA_STAGES:
         lora.apply_lora(m.lang_model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
-        m.requires_grad_(False)
-        for name, p in m.named_parameters():
-            p.requires_grad_(".lora_" in name)
+        lora.mark_only_lora_trainable(m)
     trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
     total = sum(p.numel() for p in m.parameters())
     parts = {n: sum(p.numel() for p in getattr(m, n).parameters() if p.requires_grad)
