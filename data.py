@@ -538,9 +538,10 @@ def open_sources(data, eos, image_folder=None):
 
 def open_source(spec, base, eos):
     kind, name = spec.get("type"), spec.get("name", spec.get("path"))
-    full = Path(os.path.normpath(Path(base) / spec["path"]))  # "mixtures/../sft/x.json" -> "sft/x.json" in messages
-    base, path = full.parent, full.name
+    # both relative to the config's folder; normalised so messages read "sft/x.json", not "mixtures/../sft/x.json"
     folder = Path(os.path.normpath(Path(base) / spec["image_folder"])) if spec.get("image_folder") else None
+    full = Path(os.path.normpath(Path(base) / spec["path"]))
+    base, path = full.parent, full.name
     if kind == "captions":
         return Captions(name, path, base, eos)
     if kind == "interleaved":

@@ -410,3 +410,18 @@ def test_a_toy_batch_trains_the_model(world):
     _, loss = m(batch["input_ids"], batch["images"], batch["attention_mask"], labels=batch["labels"])
     loss.backward()
     assert torch.isfinite(loss) and m.vision_tokenizer.latents.grad.abs().sum() > 0
+
+
+def test_mixture_paths_are_relative_to_the_config(tmp_path, enc):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(png())
+    (tmp_path / "sets").mkdir()
+    rows = [{"id": "1", "image": "a.png", "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "!"}]}]
+    (tmp_path / "sets" / "sft.json").write_text(json.dumps(rows))
+    (tmp_path / "configs" / "deep").mkdir(parents=True)
+    mix = {"sources": [{"name": "s", "type": "llava", "path": "../../sets/sft.json", "image_folder": "../../imgs"}]}
+    (tmp_path / "configs" / "deep" / "mix.json").write_text(json.dumps(mix))
+    src = data.open_sources(tmp_path / "configs" / "deep" / "mix.json", "<|endoftext|>")[0][0]
+    r = src.record(0)
+    assert r["images"] == [tmp_path / "imgs" / "a.png"] and "configs" not in r["where"]
+    assert len(enc(r)["images"]) == 1
