@@ -676,6 +676,14 @@ def loader(mixture, num_workers=2, prefetch=4):
 # command line
 
 
+def world_tokenizer(path):
+    """The `tokenizer/` folder of the toy world a dataset path lies in (the nearest folder above that has one)."""
+    for folder in Path(path).resolve().parents:
+        if (folder / "tokenizer" / "tokenizer.model").is_file():
+            return folder / "tokenizer"
+    raise SystemExit(f"no tokenizer/ folder above {path}: pass --tokenizer")
+
+
 def show(args):
     """Print samples as the model sees them: each token's text, supervised spans marked with [[ ]]."""
     tok = model.Tokenizer.from_pretrained(args.tokenizer)
@@ -721,7 +729,8 @@ def main(argv=None):
     t.add_argument("--size", default="small", choices=["small", "medium"], help="small: tests; medium: the recipe")
     s = sub.add_parser("show", help="print encoded samples with their loss mask")
     s.add_argument("--data", required=True, help="a mixture config (JSON with 'sources') or one dataset path")
-    s.add_argument("--tokenizer", default=None, help="tokenizer directory (default: <data's world>/tokenizer)")
+    s.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the tokenizer/ folder of the "
+                                                      "toy world the data lies in)")
     s.add_argument("--image-folder", default=None, help="where relative image paths start (default: the data's folder)")
     s.add_argument("--n", type=int, default=3, help="samples per source")
     s.add_argument("--max-len", type=int, default=2048, help="token budget, images counted as their vision tokens")
@@ -733,7 +742,7 @@ def main(argv=None):
         import toyworld
         toyworld.main(["--out", args.out, "--seed", str(args.seed), "--size", args.size])
     else:
-        args.tokenizer = args.tokenizer or str(Path(args.data).resolve().parent.parent / "tokenizer")
+        args.tokenizer = args.tokenizer or world_tokenizer(args.data)
         show(args)
 
 

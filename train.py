@@ -2,7 +2,7 @@
 Train xGen-MM: pretraining, SFT, interleaved (multi-image) SFT and safety tuning, one objective (next-token
 loss on the supervised text), on a CPU, one GPU, or many with torchrun.
 
-    python train.py                                            # toy world pretraining on a CPU (~5 minutes)
+    python train.py                                            # toy world pretraining on a CPU (~4 minutes)
     python train.py --stage sft --init out/pretrain --data data/toy/mixtures/sft.json
     python train.py --stage pretrain --init siglip-so400m-patch14-384 Phi-3-mini-4k-instruct \\
         --data mixtures/pretrain.json --device cuda --batch-size 8 --grad-accum 8 --grad-checkpointing
@@ -158,14 +158,6 @@ def newest_checkpoint(run_dir):
     return ckpts[-1] if ckpts else None
 
 
-def world_tokenizer(path):
-    """The `tokenizer/` folder of the toy world a dataset path lies in (the nearest folder above that has one)."""
-    for d in Path(path).resolve().parents:
-        if (d / "tokenizer" / "tokenizer.model").is_file():
-            return d / "tokenizer"
-    raise SystemExit(f"train.py: no tokenizer/ folder above {path}; pass --tokenizer or --init")
-
-
 def toy_model(tokenizer, strategy):
     """A new `tiny` xGen-MM whose vocabulary fits the toy world's tokenizer (extended with the xGen-MM tokens)."""
     cfg = xgenmm.preset("tiny", strategy)
@@ -183,7 +175,7 @@ def toy_model(tokenizer, strategy):
 def load_model(args):
     """The model to start from: --init (see --help), or a new tiny model for the toy world."""
     if args.init is None:
-        tok = xgenmm.Tokenizer.from_pretrained(args.tokenizer or world_tokenizer(args.data))
+        tok = xgenmm.Tokenizer.from_pretrained(args.tokenizer or data.world_tokenizer(args.data))
         xgenmm.extend_tokenizer(tok)
         m = toy_model(tok, args.strategy)
     elif len(args.init) == 2:
