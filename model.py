@@ -444,10 +444,7 @@ class XGenMM(nn.Module):
                 f"{path}/config.json: model_type {d.get('model_type')!r}, not 'xgenmm'; to start a new model from "
                 "a SigLIP and a Phi-3 checkpoint use XGenMM.from_components(siglip_path, phi3_path)")
         config = XGenMMConfig.from_hf(d)
-        gen = path / "generation_config.json"
-        if gen.is_file():
-            extra = phi3.as_id_list(json.loads(gen.read_text()).get("eos_token_id"))
-            config.text.eos_token_id = list(dict.fromkeys(config.text.eos_ids + extra))
+        phi3.add_generation_stop_ids(config.text, path)
         ckpt = weights.Checkpoint(path)
         key = LM + DECOUPLED[0][1]
         if key not in ckpt:

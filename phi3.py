@@ -121,6 +121,14 @@ def as_id_list(ids):
     return [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
 
 
+def add_generation_stop_ids(cfg, path):
+    """Add the eos ids of `path`/generation_config.json, if any, to cfg's: instruct models list more there."""
+    gen = Path(path) / "generation_config.json"
+    if gen.is_file():
+        extra = as_id_list(json.loads(gen.read_text()).get("eos_token_id"))
+        cfg.eos_token_id = list(dict.fromkeys(cfg.eos_ids + extra))
+
+
 PRESETS = {
     "phi3-mini-4k": Phi3Config(),
     # bench / CPU presets (sizes shared with vit.py's and resampler.py's presets of the same name)
@@ -474,10 +482,7 @@ class Phi3(nn.Module):
         """A Hugging Face Phi-3 directory (config.json + single or sharded safetensors)."""
         cfg = Phi3Config.from_hf(weights.read_config(path))
         path = weights.resolve_dir(path)
-        gen = path / "generation_config.json"  # instruct models list more stop ids there
-        if gen.is_file():
-            extra = as_id_list(json.loads(gen.read_text()).get("eos_token_id"))
-            cfg.eos_token_id = list(dict.fromkeys(cfg.eos_ids + extra))
+        add_generation_stop_ids(cfg, path)
         ckpt = weights.Checkpoint(path)
         cfg.lm_head_bias = "lm_head.bias" in ckpt
         with torch.device("meta"):
