@@ -551,8 +551,7 @@ def data_pipeline(args):
         world = Path(path).resolve().parent.parent
         tok = model.Tokenizer.from_pretrained(world / "tokenizer")
         model.extend_tokenizer(tok)
-        cfg = model.preset(args.preset)
-        cfg.initial_tokenizer_len = tok.token_to_id("<image>")
+        cfg = model.preset(args.preset, tokenizer=tok)
         enc = data.Encoder(tok, cfg, args.max_len)
         mix = data.Mixture(data.open_sources(path, tok.id_to_token(tok.eos_id)), enc, args.batch_size, tok.pad_id)
         it = iter(data.loader(mix, num_workers=args.workers))

@@ -688,8 +688,7 @@ def show(args):
     """Print samples as the model sees them: each token's text, supervised spans marked with [[ ]]."""
     tok = model.Tokenizer.from_pretrained(args.tokenizer)
     model.extend_tokenizer(tok)
-    config = model.preset(args.preset, args.strategy)
-    config.initial_tokenizer_len = tok.token_to_id(IMAGE)
+    config = model.preset(args.preset, args.strategy, tok)
     enc = Encoder(tok, config, args.max_len)
     for source, _ in open_sources(args.data, tok.id_to_token(tok.eos_id), args.image_folder):
         print(f"== {source.name}: {len(source)} items" + (f" {dict(source.counts)}" if hasattr(source, "counts") else ""))

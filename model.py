@@ -129,11 +129,13 @@ class XGenMMConfig:
 PRESET_PARTS = {"xgenmm": ("so400m", "xgenmm", "phi3-mini-4k"), "small": ("small",) * 3, "tiny": ("tiny",) * 3}
 
 
-def preset(name, strategy="anyres"):
+def preset(name, strategy="anyres", tokenizer=None):
     """Named sizes from the component presets (vit / resampler / phi3); tiny and small are for CPU runs.
 
     The three xGen-MM tokens take the ids right after the initial vocabulary: 32012-32014 when the LM has
-    Phi-3's 32064 rows (pad = 32011, as in the release), else the last three rows.
+    Phi-3's 32064 rows (pad = 32011, as in the release), else the last three rows. With a `tokenizer`
+    (extended by `extend_tokenizer`), the vocabulary and the special ids are sized to it instead: a new
+    model for that tokenizer, such as the toy world's.
     """
     if name not in PRESET_PARTS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESET_PARTS)}")
@@ -142,8 +144,14 @@ def preset(name, strategy="anyres"):
     text.output_vocab_size = min(32015, text.vocab_size)
     if text.vocab_size >= 32015:
         text.pad_token_id = 32011
+    if tokenizer is not None:
+        text.vocab_size, text.output_vocab_size = -(-len(tokenizer) // 64) * 64, len(tokenizer)  # x64 as Phi-3
+        text.bos_token_id, text.pad_token_id = tokenizer.bos_id, tokenizer.pad_id
+        end = [tokenizer.token_to_id("<|end|>")] if "<|end|>" in tokenizer.by_content else []
+        text.eos_token_id = [tokenizer.eos_id] + end
+    initial = tokenizer.token_to_id(XGENMM_TOKENS[0]) if tokenizer is not None else text.output_vocab_size - 3
     return XGenMMConfig.from_strategy(strategy, vision=vit.PRESETS[v], resampler=resampler.PRESETS[r], text=text,
-                                      initial_tokenizer_len=text.output_vocab_size - len(XGENMM_TOKENS))
+                                      initial_tokenizer_len=initial)
 
 # -----------------------------------------------------------------------------
 # image preprocessing (PIL in, normalized views out)

@@ -159,14 +159,8 @@ def newest_checkpoint(run_dir):
 
 
 def toy_model(tokenizer, strategy):
-    """A new `tiny` xGen-MM whose vocabulary fits the toy world's tokenizer (extended with the xGen-MM tokens)."""
-    cfg = xgenmm.preset("tiny", strategy)
-    t = cfg.text
-    t.vocab_size, t.output_vocab_size = -(-len(tokenizer) // 64) * 64, len(tokenizer)
-    t.bos_token_id, t.pad_token_id = tokenizer.bos_id, tokenizer.pad_id
-    t.eos_token_id = [tokenizer.eos_id, tokenizer.token_to_id("<|end|>")]
-    cfg.initial_tokenizer_len = tokenizer.token_to_id("<image>")
-    m = xgenmm.XGenMM(cfg)
+    """A new `tiny` xGen-MM sized to the toy world's tokenizer (extended with the xGen-MM tokens)."""
+    m = xgenmm.XGenMM(xgenmm.preset("tiny", strategy, tokenizer))
     m.lang_model.init_weights()
     m.tokenizer = tokenizer
     return m

@@ -27,9 +27,7 @@ def tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def config(tok):
-    cfg = model.preset("tiny")
-    cfg.initial_tokenizer_len = tok.token_to_id("<image>")
-    return cfg
+    return model.preset("tiny", tokenizer=tok)
 
 
 @pytest.fixture(scope="module")
@@ -376,9 +374,7 @@ def world(tmp_path_factory):
 def test_toy_world_reads_strictly(world, mixture):
     tok = model.Tokenizer.from_pretrained(world / "tokenizer")
     model.extend_tokenizer(tok)
-    cfg = model.preset("tiny")
-    cfg.initial_tokenizer_len = tok.token_to_id("<image>")
-    enc = data.Encoder(tok, cfg, max_len=2048)
+    enc = data.Encoder(tok, model.preset("tiny", tokenizer=tok), max_len=2048)
     sources = data.open_sources(world / "mixtures" / f"{mixture}.json", tok.id_to_token(tok.eos_id))
     kinds = Counter()
     for src, _ in sources:
@@ -399,8 +395,7 @@ def test_toy_world_reads_strictly(world, mixture):
 def test_a_toy_batch_trains_the_model(world):
     tok = model.Tokenizer.from_pretrained(world / "tokenizer")
     model.extend_tokenizer(tok)
-    cfg = model.preset("tiny")
-    cfg.initial_tokenizer_len, cfg.text.output_vocab_size = tok.token_to_id("<image>"), len(tok)
+    cfg = model.preset("tiny", tokenizer=tok)
     enc = data.Encoder(tok, cfg, max_len=1024)
     mix = data.Mixture(data.open_sources(world / "mixtures" / "interleave.json", tok.id_to_token(tok.eos_id)), enc,
                        4, tok.pad_id, strict=True)

@@ -385,3 +385,15 @@ def test_chat_prompt_format():
     assert model.chat_prompt(["hi", "hello", "how?"], system="S") == (
         "<|system|>\nS<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\nhello<|end|>\n<|user|>\nhow?<|end|>\n<|assistant|>\n")
     assert model.chat_prompt(["q"], system=None) == "<|user|>\nq<|end|>\n<|assistant|>\n"
+
+
+def test_preset_sized_to_a_tokenizer(tmp_path):
+    write_tokenizer(tmp_path, add_bos=True, vocab_size=300)
+    tok = model.Tokenizer.from_pretrained(tmp_path)
+    initial = model.extend_tokenizer(tok)
+    cfg = model.preset("tiny", tokenizer=tok)
+    t = cfg.text
+    assert (t.vocab_size, t.output_vocab_size, cfg.image_token_id) == (320, len(tok), initial)
+    assert t.pad_token_id == tok.pad_id and t.eos_ids == [tok.eos_id, tok.token_to_id("<|end|>")]
+    plain = model.preset("tiny")
+    assert plain.text.vocab_size == 4096 and plain.image_token_id == 4093
