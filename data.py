@@ -555,20 +555,38 @@ def open_source(spec, base, eos):
 
 
 def sniff(path):
-    """The dataset type of a single path, from its first record."""
+    """The dataset type of a single path, from its first sample: only the start of the file is read."""
     if ".tar" in path.name:
-        shard = TarShard(path.parent / expand_braces(path.name)[0])
-        for key, exts in shard.samples.items():
-            if "json" in exts and not any(e in exts for e in IMAGE_EXTS):
-                return "interleaved"
-            return "captions"
-    rows = read_json_rows(path)
-    first = next((r for r in rows if isinstance(r, dict)), {})
+        first, exts = None, set()
+        with tarfile.open(path.parent / expand_braces(path.name)[0], "r:") as tf:
+            for m in tf:
+                key, ext = split_key(m.name)
+                if first is not None and key != first:
+                    break
+                first = key
+                exts.add(ext)
+        return "interleaved" if "json" in exts and not exts & set(IMAGE_EXTS) else "captions"
+    first = first_record(path)
     for field, kind in (("texts", "interleaved"), ("completions", "vlfeedback"), ("chosen", "pairs"),
                         ("instr-resp", "vlguard"), ("conversations", "llava")):
-        if field in first:
+        if isinstance(first, dict) and field in first:
             return kind
     raise ValueError(f"{path}: cannot tell the dataset type from its first record; use a mixture config with 'type'")
+
+
+def first_record(path, head=1 << 20):
+    """The first record of a JSON list or JSON-lines file, parsed from its first MiB (None if it is longer)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read(head).lstrip()
+    if path.suffix == ".jsonl":
+        text = text.split("\n", 1)[0]
+    elif text.startswith("["):
+        text = text[1:].lstrip()
+    try:
+        return json.JSONDecoder().raw_decode(text)[0]
+    except json.JSONDecodeError:
+        return None
+
 
 # -----------------------------------------------------------------------------
 # mixtures: which sample sits at each position of the stream, split over ranks and workers

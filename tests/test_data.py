@@ -157,7 +157,7 @@ def test_caption_shards(tmp_path, enc, tok):
     write_tar(tmp_path / "c-001.tar", [("c.webp", png()), ("c.txt", b""), ("../evil.txt", b"x"),
                                         ("d.txt", b"no image"), ("e.png", b"not a png"), ("e.txt", b"broken")])
     src = data.open_source({"type": "captions", "path": "c-{000..001}.tar"}, tmp_path, "<|endoftext|>")
-    assert len(src) == 6
+    assert len(src) == 6 and data.sniff(tmp_path / "c-{000..001}.tar") == "captions"
     first = src.record(0)
     assert first["text"] == "<image>a red circle<|endofchunk|><|endoftext|>" and first["where"].endswith("c-000.tar:a")
     assert src.record(1)["text"].startswith("<image>two squares")
@@ -191,6 +191,7 @@ def test_interleaved_tar_members_base64_and_jsonl(tmp_path, enc, tok):
     (tmp_path / "img.png").write_bytes(png())
     (tmp_path / "docs.jsonl").write_text(json.dumps({"texts": [None, "hello"], "images": ["img.png", None]}) + "\n{oops\n")
     jl = data.open_source({"type": "interleaved", "path": "docs.jsonl"}, tmp_path, "<|endoftext|>")
+    assert data.sniff(tmp_path / "d.tar") == data.sniff(tmp_path / "docs.jsonl") == "interleaved"
     assert len(enc(jl.record(0))["images"]) == 1
     with pytest.raises(data.BadSample, match=r"docs\.jsonl:2: malformed JSON line"):
         jl.record(1)
@@ -236,6 +237,7 @@ def test_vlfeedback_pairs_and_counts(tmp_path, enc, tok):
             vlf_row(4, [("5", "5", "5"), ("1", "1", "1")], ["same", "same"])]    # chosen == rejected
     (tmp_path / "vlf.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
     src = data.open_source({"type": "vlfeedback", "path": "vlf.jsonl", "min_score": 3}, tmp_path, "")
+    assert data.sniff(tmp_path / "vlf.jsonl") == "vlfeedback"
     assert src.counts == Counter({"rows": 5, "pairs": 3, "tie": 1, "unparsable rating": 1, "below min_score": 1})
     p = src.record(0)
     assert (p["chosen"], p["rejected"]) == ("response 0", "response 1") and p["turns"][0][1].startswith("<image>\n")
