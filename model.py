@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 import phi3
@@ -174,7 +175,7 @@ def select_grid(size, grids):
     return best
 
 
-def resize_and_pad(img, target):
+def resize_and_pad(img, target, resample=Image.Resampling.BICUBIC):
     """Fit `img` into target (w, h) keeping its aspect (sides rounded up, capped), centred on black."""
     (W, H), (w, h) = img.size, target
     scale_w, scale_h = w / W, h / H  # the scale first, then the product, as the reference rounds
@@ -183,7 +184,7 @@ def resize_and_pad(img, target):
     else:
         size = (min(math.ceil(W * scale_h), w), h)
     canvas = Image.new("RGB", target, (0, 0, 0))
-    canvas.paste(img.resize(size, Image.Resampling.BICUBIC), ((w - size[0]) // 2, (h - size[1]) // 2))
+    canvas.paste(img.resize(size, resample), ((w - size[0]) // 2, (h - size[1]) // 2))
     return canvas
 
 
@@ -195,27 +196,28 @@ def pad_to_square(img, colour=(127, 127, 127)):
     return canvas
 
 
-def to_pixels(img, S):
+def to_pixels(img, S, resample=Image.Resampling.BICUBIC):
     """A PIL view -> (3, S, S) float: bicubic resize to S (a no-op for crops), [0, 1], mean 0.5, std 0.5."""
     if img.size != (S, S):
-        img = img.resize((S, S), Image.Resampling.BICUBIC)
+        img = img.resize((S, S), resample)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255.0
     return (x - 0.5) / 0.5
 
 
-def preprocess(img, config):
+def preprocess(img, config, resample=Image.Resampling.BICUBIC, fill=(127, 127, 127)):
     """One image -> (views (V, 3, S, S), original size (W, H), grid (cols, rows)); V = 1 + cols * rows.
 
     anyres: the global view (the whole image squashed to S x S) first, then the crops row by row.
-    fixed: one view, padded to a square; the grid is (0, 0).
+    fixed: one view, padded to a square; the grid is (0, 0). (`resample` and the square's `fill` let a
+    label map follow the same geometry pixel for pixel, as toyvision.py's dense labels do.)
     """
     img, S = img.convert("RGB"), config.vision.image_size
     if config.strategy == "fixed":
-        return to_pixels(pad_to_square(img), S)[None], img.size, (0, 0)
+        return to_pixels(pad_to_square(img, fill), S, resample)[None], img.size, (0, 0)
     w, h = select_grid(img.size, config.grids)
-    canvas = resize_and_pad(img, (w, h))
+    canvas = resize_and_pad(img, (w, h), resample)
     crops = [canvas.crop((x, y, x + S, y + S)) for y in range(0, h, S) for x in range(0, w, S)]
-    views = [to_pixels(v, S) for v in [img.resize((S, S), Image.Resampling.BICUBIC)] + crops]
+    views = [to_pixels(v, S, resample) for v in [img.resize((S, S), resample)] + crops]
     return torch.stack(views), img.size, (w // S, h // S)
 
 
@@ -320,8 +322,11 @@ class XGenMM(nn.Module):
 
     # ---- images -> vision tokens -----------------------------------------------
 
-    def encode_images(self, images):
-        """Images -> one (tokens, C) block per image, in order: ViT on every view, grouping, resampler."""
+    def encode_images(self, images, instructions=None):
+        """Images -> one (tokens, C) block per image, in order: ViT on every view, grouping, resampler.
+
+        `instructions`: per image, the (T, C) embeddings of its instruction, for an instruction-aware resampler.
+        """
         if not images.sizes:
             return []
         feats = self.vit_features(images.pixel_values)  # (V, P, D)
@@ -332,8 +337,27 @@ class XGenMM(nn.Module):
             per_image.append(len(g))
         if v != len(feats):
             raise ValueError(f"Images has {len(feats)} views but its grids account for {v}")
-        tokens = self.vision_tokenizer(*pad_groups(groups, masks))  # (G, L, C)
+        text = {}
+        if instructions is not None:  # every group of an image reads that image's instruction
+            per_group = [t for t, n in zip(instructions, per_image) for _ in range(n)]
+            T = max(1, max(len(t) for t in per_group))
+            text["text"] = torch.stack([F.pad(t, (0, 0, 0, T - len(t))) for t in per_group])
+            text["text_mask"] = torch.stack([torch.arange(T, device=t.device) < len(t) for t in per_group])
+        tokens = self.vision_tokenizer(*pad_groups(groups, masks), **text)  # (G, L, C)
         return [t.flatten(0, 1) for t in tokens.split(per_image)]
+
+    def instructions(self, embeds, ids, limit=64):
+        """Per `<image>` of one row: the embeddings of the text after it up to the end of the user's turn
+        (`<|end|>`), never into an answer; empty when the turn does not end (plain documents)."""
+        stops = torch.isin(ids, torch.tensor(self.stop_ids, device=ids.device)).nonzero().flatten().tolist()
+        out = []
+        for m in (ids == self.config.image_token_id).nonzero().flatten().tolist():
+            end = next((s for s in stops if s > m), m + 1)
+            span = ids[m + 1:end]
+            later = (span == self.config.image_token_id).nonzero().flatten().tolist()
+            start = m + 1 + (later[-1] + 1 if later else 0)  # images listed together share the words after the last
+            out.append(embeds[start:end][-limit:])
+        return out
 
     def vit_features(self, pixels):
         frozen = not any(p.requires_grad for p in self.vision_encoder.parameters())
@@ -377,8 +401,11 @@ class XGenMM(nn.Module):
             if n != k:
                 raise ValueError(f"sample {b}: {n} <image> marker(s) in the text but {k} image(s); put exactly one "
                                  "<image> token where each image goes")
-        blocks = iter(self.encode_images(images) if images is not None else [])
         embeds = self.lang_model.model.embed_tokens(input_ids)
+        instructions = None
+        if images is not None and self.config.resampler.instruction_dim:
+            instructions = [t for b in range(B) for t in self.instructions(embeds[b][mask[b]], input_ids[b][mask[b]])]
+        blocks = iter(self.encode_images(images, instructions) if images is not None else [])
         rows_e, rows_l = [], []
         for b in range(B):
             e, ids = embeds[b][mask[b]], input_ids[b][mask[b]]

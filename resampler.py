@@ -36,6 +36,7 @@ class ResamplerConfig:
     heads: int = 16
     dim_head: int = 96
     ff_mult: int = 4
+    instruction_dim: int = 0  # > 0: instruction-aware (an ablation, not the release): the LLM embedding width
 
     @classmethod
     def from_preset(cls, name):
@@ -51,9 +52,10 @@ class ResamplerConfig:
 
     def to_hf(self):
         """The inverse of from_hf: a `vision_tokenizer_config` dict, constructor fields included."""
-        return {"model_type": "xgenmm_vision_tokenizer", "vis_feature_dim": self.dim,
-                "lang_embedding_dim": self.dim_inner, "num_vis_tokens": self.num_latents,
-                "depth": self.depth, "heads": self.heads, "dim_head": self.dim_head, "ff_mult": self.ff_mult}
+        d = {"model_type": "xgenmm_vision_tokenizer", "vis_feature_dim": self.dim,
+             "lang_embedding_dim": self.dim_inner, "num_vis_tokens": self.num_latents,
+             "depth": self.depth, "heads": self.heads, "dim_head": self.dim_head, "ff_mult": self.ff_mult}
+        return d | ({"instruction_dim": self.instruction_dim} if self.instruction_dim else {})
 
 
 PRESETS = {
@@ -121,8 +123,21 @@ class PerceiverResampler(nn.Module):
         self.layers = nn.ModuleList(ResamplerLayer(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.dim)
         self.projection = nn.Linear(config.dim, config.dim_inner)  # the only bias in the resampler
+        if config.instruction_dim:  # the instruction-aware variant (not in the release): see forward
+            self.instruction = nn.Linear(config.instruction_dim, config.dim, bias=False)
 
-    def forward(self, x, mask=None):  # x (G, N, dim), mask (G, N) True = real feature, False = padding
+    def forward(self, x, mask=None, text=None, text_mask=None):
+        """x (G, N, dim), mask (G, N) True = real feature, False = padding -> (G, num_latents, dim_inner).
+
+        Instruction-aware (config.instruction_dim > 0, the ablation of paper section 7 after InstructBLIP):
+        `text` (G, T, instruction_dim), the embeddings of the instruction that goes with each group, is
+        projected to the ViT width and joins the media, so the latents can pick what the question asks for.
+        """
+        if text is not None:
+            t = self.instruction(text.to(x.dtype))
+            real = lambda m, n: m if m is not None else x.new_ones(x.shape[0], n, dtype=torch.bool)  # noqa: E731
+            mask = torch.cat((real(mask, x.shape[1]), real(text_mask, t.shape[1])), dim=1)
+            x = torch.cat((x, t), dim=1)
         G = x.shape[0]
         keep = None
         if mask is not None:  # latent keys are always visible, so even an all-padding group has keys

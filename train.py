@@ -83,9 +83,14 @@ def build_parser():
     g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
     g.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     g = p.add_argument_group("model")
-    g.add_argument("--strategy", default="anyres", choices=xgenmm.STRATEGIES, help="image strategy of a new model")
+    g.add_argument("--strategy", default=None, choices=xgenmm.STRATEGIES,
+                   help="image strategy: of a new model (default anyres), or switched on a checkpoint given to "
+                   "--init (same weights, other views; the any-resolution ablation)")
     g.add_argument("--train-vit", action=argparse.BooleanOptionalAction, default=None,
                    help="train the ViT too (default: only when pretraining a model from scratch; see above)")
+    g.add_argument("--instruction-aware", action="store_true",
+                   help="make the resampler instruction-aware (an ablation: the user's question joins the image "
+                   "features the latents read; a fresh projection is added to a plain checkpoint)")
     g.add_argument("--lora-r", type=int, default=64, help="safety stage: LoRA rank")
     g.add_argument("--lora-alpha", type=float, default=128.0, help="safety stage: LoRA alpha (scale alpha / r)")
     g.add_argument("--lora-dropout", type=float, default=0.05, help="safety stage: LoRA dropout")
@@ -162,6 +167,7 @@ def toy_model(tokenizer, strategy):
     """A new `tiny` xGen-MM sized to the toy world's tokenizer (extended with the xGen-MM tokens)."""
     m = xgenmm.XGenMM(xgenmm.preset("tiny", strategy, tokenizer))
     m.lang_model.init_weights()
+    m.vision_encoder.init_weights()
     m.tokenizer = tokenizer
     return m
 
@@ -171,15 +177,23 @@ def load_model(args):
     if args.init is None:
         tok = xgenmm.Tokenizer.from_pretrained(args.tokenizer or data.world_tokenizer(args.data))
         xgenmm.extend_tokenizer(tok)
-        m = toy_model(tok, args.strategy)
+        m = toy_model(tok, args.strategy or "anyres")
     elif len(args.init) == 2:
-        m = xgenmm.XGenMM.from_components(*args.init, strategy=args.strategy)
+        m = xgenmm.XGenMM.from_components(*args.init, strategy=args.strategy or "anyres")
     else:
         path = Path(args.init[0])
         ckpt = newest_checkpoint(path) if path.is_dir() and not (path / "config.json").is_file() else None
         m = xgenmm.XGenMM.from_pretrained(ckpt or args.init[0])
+        if args.strategy:  # the strategy is two config fields: the weights serve every strategy
+            switched = xgenmm.XGenMMConfig.from_strategy(args.strategy)
+            m.config.image_aspect_ratio = switched.image_aspect_ratio
+            m.config.anyres_patch_sampling = switched.anyres_patch_sampling
     if m.tokenizer is None:
         raise SystemExit(f"train.py: {args.init}: the checkpoint has no tokenizer files; training needs them")
+    if args.instruction_aware and not m.config.resampler.instruction_dim:
+        m.config.resampler.instruction_dim = m.config.text.hidden_size
+        m.vision_tokenizer.instruction = torch.nn.Linear(m.config.text.hidden_size, m.config.resampler.dim,
+                                                         bias=False)
     return m
 
 

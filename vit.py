@@ -133,6 +133,23 @@ class ViT(nn.Module):
         self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(EncoderLayer(c) for _ in range(c.num_hidden_layers))))
         self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
+    def init_weights(self):
+        """SigLIP's initialisation, for a tower trained from scratch (loading a checkpoint overwrites it).
+
+        The one that matters: nn.Embedding's default N(0, 1) position table would drown the patch
+        embeddings (std ~0.3); SigLIP draws it with std 1/sqrt(width).
+        """
+        D = self.config.hidden_size
+        nn.init.normal_(self.embeddings.position_embedding.weight, std=D ** -0.5)
+        conv = self.embeddings.patch_embedding
+        nn.init.trunc_normal_(conv.weight, std=(conv.weight[0].numel()) ** -0.5)  # lecun normal
+        nn.init.zeros_(conv.bias)
+        for module in self.encoder.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        return self
+
     def forward(self, pixel_values):  # (N, C, S, S)
         S = self.config.image_size
         if pixel_values.shape[-2:] != (S, S):

@@ -397,3 +397,31 @@ def test_preset_sized_to_a_tokenizer(tmp_path):
     assert t.pad_token_id == tok.pad_id and t.eos_ids == [tok.eos_id, tok.token_to_id("<|end|>")]
     plain = model.preset("tiny")
     assert plain.text.vocab_size == 4096 and plain.image_token_id == 4093
+
+
+def test_instruction_aware_resampler_reads_the_users_words_only(released, tmp_path):
+    """The ablation variant: each image's instruction is the rest of its user turn (after the last of the images
+    listed together), never an answer; a plain document gives none. It saves and loads; batched = one by one."""
+    ref, m, d = released
+    tok = m.tokenizer
+    m2 = model.XGenMM.from_pretrained(d)
+    m2.config.resampler.instruction_dim = m2.config.text.hidden_size
+    m2.vision_tokenizer.instruction = torch.nn.Linear(m2.config.text.hidden_size, m2.config.resampler.dim, bias=False)
+    chat = model.chat_prompt(["Image 1: <image>\nImage 2: <image>\nwhich is red?"]) + "the first<|end|>\n"
+    ids = torch.tensor(tok.encode(chat))
+    spans = m2.instructions(torch.arange(len(ids))[:, None].float(), ids)  # "embeddings" = positions
+    words = [tok.decode(ids[s[:, 0].long()].tolist()) for s in spans]
+    assert words == ["\nwhich is red?", "\nwhich is red?"]
+    doc = torch.tensor(tok.encode("<image>Q: which is red? A: the first<|endofchunk|>"))
+    assert [len(s) for s in m2.instructions(torch.zeros(len(doc), 1), doc)] == [0]
+    prompts, images = batch(tok)
+    prompts[0] = tok.encode(model.chat_prompt(["<image>\nwhat is this?"]))
+    with torch.no_grad():
+        together = m2.generate(prompts, images, max_new_tokens=4)
+        alone = [m2.generate([p], [im], max_new_tokens=4)[0] for p, im in zip(prompts, images)]
+    for row, one in zip(together, alone):
+        assert row[: len(one)].tolist() == one.tolist()
+    m2.save_pretrained(tmp_path / "ia")
+    again = model.XGenMM.from_pretrained(tmp_path / "ia")
+    assert again.config.resampler.instruction_dim == m2.config.text.hidden_size
+    assert torch.equal(again.vision_tokenizer.instruction.weight, m2.vision_tokenizer.instruction.weight)

@@ -1,5 +1,6 @@
 """resampler.py: fused attention == the official einsum math, masking, the official key layout, gradients."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -155,3 +156,25 @@ def test_official_parameter_count():
     with torch.device("meta"):  # SPEC section 1: resampler ~0.11 B parameters
         n = sum(p.numel() for p in resampler.PerceiverResampler(resampler.ResamplerConfig()).parameters())
     assert 0.10e9 < n < 0.12e9
+
+
+def test_instruction_aware_variant():
+    """Off by default (the release's layout); on, the instruction joins the media keys, masked text is unseen,
+    and the config round-trips through config.json."""
+    torch.manual_seed(0)
+    cfg = replace(resampler.PRESETS["tiny"], instruction_dim=24)
+    r = resampler.PerceiverResampler(cfg)
+    assert "instruction.weight" not in resampler.PerceiverResampler(resampler.PRESETS["tiny"]).state_dict()
+    x, text = torch.randn(2, 10, cfg.dim), torch.randn(2, 5, 24)
+    plain = r(x)
+    with_text = r(x, text=text)
+    assert with_text.shape == plain.shape and not torch.allclose(with_text, plain)
+    masked = r(x, text=text, text_mask=torch.zeros(2, 5, dtype=torch.bool))
+    assert torch.allclose(masked, plain, atol=1e-6)  # nothing of the instruction visible: the plain result
+    other = text.clone()
+    other[:, 3:] = 100.0
+    keep = torch.arange(5) < 3
+    assert torch.allclose(r(x, text=text, text_mask=keep.expand(2, 5)), r(x, text=other, text_mask=keep.expand(2, 5)),
+                          atol=1e-6)
+    assert resampler.ResamplerConfig.from_hf(cfg.to_hf()) == cfg
+    assert "instruction_dim" not in resampler.PRESETS["tiny"].to_hf()

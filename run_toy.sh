@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The whole xGen-MM recipe in miniature, on a CPU, in one command (~30 minutes on 2 cores):
+#
+#   bash run_toy.sh [OUT_DIR] [--quick]        # OUT_DIR defaults to out/toy; --quick: a small world, a few steps
+#
+# toy world -> toy vision encoder (stands in for SigLIP's pretraining) -> pretraining (captions + interleaved
+# documents) -> SFT (LLaVA-style instructions) -> interleaved multi-image SFT -> DPO (LoRA, VLFeedback) ->
+# safety tuning (LoRA, VLGuard), with eval.py after every stage. The commands are the ones a user runs at
+# scale, with toy-sized steps. Prints, and writes to OUT_DIR, the table of stages x metrics: results.md and
+# results.json ({stage: {metric: fraction}}); each stage's run directory keeps its metrics.jsonl.
+# Step counts can be overridden from the environment, e.g. PRETRAIN_STEPS=600 bash run_toy.sh.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+OUT=out/toy QUICK=0
+for arg in "$@"; do
+  case "$arg" in
+    --quick) QUICK=1 ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "run_toy.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
+    *) OUT=$arg ;;
+  esac
+done
+
+if [[ $QUICK == 1 ]]; then  # the pipeline end to end in a few minutes (the tests run this); numbers mean nothing
+  SIZE=small; : "${VISION_STEPS:=4}" "${PRETRAIN_STEPS:=4}" "${SFT_STEPS:=4}" "${INTERLEAVE_STEPS:=3}"
+  : "${DPO_STEPS:=3}" "${SAFETY_STEPS:=3}" "${EVAL_LIMIT:=4}" "${BATCH:=4}"
+else
+  SIZE=medium; : "${VISION_STEPS:=300}" "${PRETRAIN_STEPS:=700}" "${SFT_STEPS:=800}" "${INTERLEAVE_STEPS:=200}"
+  : "${DPO_STEPS:=60}" "${SAFETY_STEPS:=150}" "${EVAL_LIMIT:=100}" "${BATCH:=8}"
+fi
+DATA=$OUT/data
+mkdir -p "$OUT/eval"
+: > "$OUT/times.tsv"
+
+timed() {  # timed NAME COMMAND...: run it, add its wall time to OUT/times.tsv
+  local name=$1 start=$SECONDS
+  shift
+  echo "== $name: $*"
+  "$@"
+  printf '%s\t%s\n' "$name" $((SECONDS - start)) >> "$OUT/times.tsv"
+}
+
+evaluate() {  # evaluate STAGE [eval.py options]
+  local stage=$1
+  shift
+  timed eval python eval.py --checkpoint "$OUT/$stage" --data "$DATA" --limit "$EVAL_LIMIT" --name "$stage" \
+    --json "$OUT/eval/$stage.json" --predictions "$OUT/eval/$stage.predictions.jsonl" "$@"
+}
+
+train() {  # train STAGE INIT STEPS [train.py options]
+  local stage=$1 init=$2 steps=$3
+  shift 3
+  timed "$stage" python train.py --stage "$stage" --init "$OUT/$init" --data "$DATA/mixtures/$stage.json" \
+    --out-dir "$OUT/$stage" --max-steps "$steps" --save-every "$steps" --keep 1 --batch-size "$BATCH" "$@"
+}
+
+[[ -f $DATA/world.json ]] || timed world python data.py toyworld --out "$DATA" --size $SIZE
+timed vision python toyvision.py --data "$DATA" --out "$OUT/vision" --steps "$VISION_STEPS"
+
+train pretrain vision "$PRETRAIN_STEPS" --lr 1e-3
+evaluate pretrain --prompt plain
+
+train sft pretrain "$SFT_STEPS" --lr 1e-3
+evaluate sft
+
+train interleave sft "$INTERLEAVE_STEPS" --lr 5e-4
+evaluate interleave
+
+timed dpo python dpo.py --init "$OUT/interleave" --data "$DATA/mixtures/dpo.json" --out-dir "$OUT/dpo" \
+  --max-steps "$DPO_STEPS" --save-every "$DPO_STEPS" --keep 1 --batch-size 4 --lr 3e-4
+evaluate dpo
+
+train safety dpo "$SAFETY_STEPS" --lr 1e-3
+evaluate safety
+
+python eval.py --summarize "$OUT"
