@@ -27,7 +27,7 @@ if [[ $QUICK == 1 ]]; then  # the pipeline end to end in a few minutes (the test
   : "${DPO_STEPS:=3}" "${SAFETY_STEPS:=3}" "${EVAL_LIMIT:=4}" "${BATCH:=4}"
 else
   SIZE=medium; : "${VISION_STEPS:=300}" "${PRETRAIN_STEPS:=700}" "${SFT_STEPS:=800}" "${INTERLEAVE_STEPS:=200}"
-  : "${DPO_STEPS:=60}" "${SAFETY_STEPS:=150}" "${EVAL_LIMIT:=100}" "${BATCH:=8}"
+  : "${DPO_STEPS:=60}" "${SAFETY_STEPS:=250}" "${EVAL_LIMIT:=100}" "${BATCH:=8}"
 fi
 DATA=$OUT/data
 mkdir -p "$OUT/eval"
