@@ -205,7 +205,7 @@ def mean(values):
 # generation
 
 
-def answer_all(m, items, root, batch_size, device, style, progress=True):
+def answer_all(m, items, root, batch_size, device, progress=True):
     """Fill item.answer for every item: batches of one prompt shape (same image count and answer length)."""
     stop = m.stop_ids + [m.tokenizer.token_to_id("<|endofchunk|>")]
     groups = {}
@@ -249,7 +249,7 @@ def evaluate(m, data, splits=SPLITS, style="chat", system=xgenmm.DEFAULT_SYSTEM,
              device="cpu", progress=True, predictions=None):
     """metric -> value for the model on the toy world at `data` (the folder holding test/ and the images)."""
     items = [it for split in splits for it in items_for(split, load_split(data, split, limit), style, system)]
-    answer_all(m, items, Path(data), batch_size, device, style, progress)
+    answer_all(m, items, Path(data), batch_size, device, progress)
     if predictions:
         with open(predictions, "w") as f:
             for it in items:
