@@ -57,10 +57,26 @@ batches: the pipeline must outpace the step, or training waits for data.
 same model with its adapters off (dpo.py's way) and with a second copy of the model, each in a fresh
 process, and reports the parameter memory, the peak resident memory and steps/s.
 
+    python bench.py full --make-checkpoint DIR       # a random 4.4B model in the release's layout (bf16, 8.7 GB)
+    python bench.py full --checkpoint DIR --json out/full-cpu.json            # CPU figures (~30 minutes)
+    python bench.py full --checkpoint DIR --device cuda --peak-tflops 989     # GPU figures
+    python bench.py full --memory                    # parameter counts, FSDP2 memory per GPU (SFT, DPO-LoRA)
+
+`full` works at the real sizes. --make-checkpoint writes every tensor name and shape of the Hub release
+(the pooling head included) through model.save_pretrained, one shard in memory at a time. --checkpoint on
+the CPU times, each in a fresh process (so each peak RSS is its own), cold (page cache dropped) and warm:
+reading the files, XGenMM.from_pretrained until every weight is resident, and transformers'
+Phi3ForCausalLM reading the LLM from the same files; then vision encoding, the LLM prefill and decoding in
+bf16 and in fp32 (the fp32 LLM blocks that fit, extrapolated). On cuda it times the load, prefill and
+decode at batch 1 and 8, and train.py's step with gradient checkpointing (tokens/s, MFU, peak memory) for
+the checkpoint's model and for `small`; `--suite gpu` runs that path on the CPU at small sizes.
+
 transformers is needed only here and in the tests; the project itself never imports it.
 """
 import argparse
 import json
+import math
+import os
 import statistics
 import tempfile
 import time
@@ -70,9 +86,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import fused
 import model
 import phi3
+import resampler
 import vit
+import weights
 
 # -----------------------------------------------------------------------------
 # machine limits
@@ -641,6 +660,627 @@ def dpo_bench(args):
     report("| preset | DPO reference | parameter memory | peak RSS of the step | steps/s |", rows, results, args.json)
 
 
+# -----------------------------------------------------------------------------
+# at full scale: the release's checkpoint layout and sizes, lean loading, CPU and GPU figures, FSDP2 memory
+
+HEAD = "vlm.vision_encoder.head."  # SigLIP's attention-pooling head: in the release's files, unused by xGen-MM
+
+
+def pooling_head_shapes(v):
+    """{official name: shape} of the pooling head the release carries (transformers'
+    SiglipMultiheadAttentionPoolingHead: a probe, nn.MultiheadAttention, LayerNorm, MLP)."""
+    C, I = v.hidden_size, v.intermediate_size
+    shapes = {"probe": (1, 1, C), "attention.in_proj_weight": (3 * C, C), "attention.in_proj_bias": (3 * C,),
+              "attention.out_proj.weight": (C, C), "attention.out_proj.bias": (C,), "layernorm.weight": (C,),
+              "layernorm.bias": (C,), "mlp.fc1.weight": (I, C), "mlp.fc1.bias": (I,), "mlp.fc2.weight": (C, I),
+              "mlp.fc2.bias": (C,)}
+    return {HEAD + k: s for k, s in shapes.items()}
+
+
+def official_layout(cfg, dtype=torch.bfloat16):
+    """{official name: meta tensor} of a checkpoint of `cfg` as the release stores it: what save_pretrained
+    writes, plus the pooling head. Nothing is allocated (meta device)."""
+    with torch.device("meta"):
+        m = model.XGenMM(cfg).to(dtype)
+        head = {k: torch.empty(s, dtype=dtype) for k, s in pooling_head_shapes(cfg.vision).items()}
+    return with_head(m.official_state_dict(), head)
+
+
+def with_head(state, head):
+    """The pooling head placed after the vision tower's tensors, where the release has it."""
+    vision = {k: v for k, v in state.items() if k.startswith("vlm.vision_encoder.")}
+    return vision | head | {k: v for k, v in state.items() if k not in vision}
+
+
+def random_pool(n, dtype, generator, chunk=1 << 24):
+    """n values of N(0, 0.02) in `dtype`, drawn a chunk at a time (no full-size fp32 temporary)."""
+    pool = torch.empty(n, dtype=dtype)
+    for i in range(0, n, chunk):
+        part = pool[i: i + chunk]
+        part.copy_(torch.randn(part.numel(), generator=generator).mul_(0.02))
+    return pool
+
+
+def random_window(shape, pool, generator, fill=None):
+    """A random tensor that costs no memory: a view of `pool` at a random offset, or `fill` broadcast.
+    save_sharded copies each tensor into its shard, so only one shard is ever materialised."""
+    if fill is not None:
+        return torch.full((), fill, dtype=pool.dtype).expand(shape)
+    n = math.prod(shape)
+    off = int(torch.randint(0, pool.numel() - n + 1, (), generator=generator))
+    return pool[off: off + n].view(shape)
+
+
+def make_checkpoint(path, preset="xgenmm", dtype=torch.bfloat16, seed=0):
+    """A random xGen-MM of `preset` in the release's layout, written by model.save_pretrained (config.json,
+    generation_config.json, 5 GiB shards + index; no tokenizer files: there is no tokenizer to copy offline).
+    Peak memory is one shard plus a pool of 2x the largest tensor, not the model."""
+    cfg = model.preset(preset)
+    with torch.device("meta"):
+        m = model.XGenMM(cfg).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    shapes = m.state_dict()
+    pool = random_pool(2 * max(t.numel() for t in shapes.values()), dtype, g)
+    norms = {n for n, mod in m.named_modules() if isinstance(mod, (torch.nn.LayerNorm, phi3.RMSNorm))}
+
+    def fill(name):  # as init_weights: norms 1, biases 0, the rest N(0, 0.02)
+        owner, _, leaf = name.rpartition(".")
+        return 0.0 if leaf.endswith("bias") else 1.0 if owner in norms or ".layernorm." in name else None
+    m.load_state_dict({k: random_window(t.shape, pool, g, fill(k)) for k, t in shapes.items()}, assign=True)
+    head = {k: random_window(s, pool, g, fill(k)) for k, s in pooling_head_shapes(cfg.vision).items()}
+    return m.save_pretrained(path, state_dict=with_head(m.official_state_dict(), head))
+
+
+def weight_files(path):
+    return sorted(Path(path).glob("*.safetensors"))
+
+
+def drop_page_cache(files):
+    """Evict the files from the page cache (after writing back any dirty pages): the next read hits the disk."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_files(files, chunk=64 << 20):
+    """Read the files sequentially into one reused buffer: the disk (or page cache) rate a loader competes with."""
+    buf, n = memoryview(bytearray(chunk)), 0
+    for f in files:
+        with open(f, "rb", buffering=0) as h:
+            while k := h.readinto(buf):
+                n += k
+    return n
+
+
+def make_resident(module):
+    """Read one element per 4 KiB page of every weight, so memory-mapped weights are in memory."""
+    s = 0.0
+    for t in module.state_dict().values():
+        if t.is_floating_point() and t.numel():
+            s += float(t.reshape(-1)[:: max(1, 4096 // t.element_size())].float().sum())
+    return s
+
+
+def peak_rss():
+    """This process's peak resident memory (VmHWM: anonymous and mapped file pages), in bytes. Not ru_maxrss,
+    which a child started by fork + exec inherits from its parent."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def param_bytes(module):
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def transformers_lm(path, dtype=torch.bfloat16):
+    """transformers' Phi3ForCausalLM read from the same files: the LM's tensors renamed by `key_mapping`;
+    the vision, resampler, decoupled-row and head-bias tensors are left unread (transformers has no place)."""
+    import transformers
+    text = model.XGenMMConfig.from_hf(weights.read_config(path)).text
+    return transformers.Phi3ForCausalLM.from_pretrained(
+        path, config=transformers.Phi3Config.from_dict(text.to_hf()), dtype=dtype,
+        key_mapping={r"^vlm\.lang_model\.": ""})
+
+
+def noise_photo(w=640, h=480, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g).numpy())
+
+
+def photo_prompt(m, n, seed=0):
+    """`<image>` then n random text ids: the prompt every full-scale figure uses."""
+    g = torch.Generator().manual_seed(seed)
+    return [m.config.image_token_id] + torch.randint(3, m.config.initial_tokenizer_len, (n,), generator=g).tolist()
+
+
+def stamped_generate(m, prompts, images, new, compile, device):
+    """m.generate with a clock per new token: (seconds to the first token, [seconds of each later step])."""
+    stamps = []
+
+    def stamp(_):
+        sync(device)
+        stamps.append(time.perf_counter())
+    sync(device)
+    t0 = time.perf_counter()
+    m.generate(prompts, images, max_new_tokens=new, stop_ids=[], callback=stamp, compile=compile)
+    return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def decode_figures(m, args, device, batch, compile):
+    """Prefill (PIL image + prompt -> first token) and steady decode step of `batch` identical rows."""
+    prompt, img = photo_prompt(m, args.prompt_tokens), noise_photo()
+    first, steps = stamped_generate(m, [prompt] * batch, [[img]] * batch, args.new_tokens, compile, device)
+    steady = steps[2:] if compile and len(steps) > 3 else steps  # the first compiled steps compile
+    positions = len(prompt) - 1 + m.config.image_tokens(img.size)
+    return {"batch": batch, "positions": positions, "prefill_s": first, "prefill_tok_s": batch * positions / first,
+            "step_s": statistics.median(steady), "decode_tok_s": batch / statistics.median(steady),
+            "first_step_s": steps[0]}
+
+
+def cpu_forward(args):
+    """Load (lazily), optionally keep only the first --layers LLM blocks, cast, make resident; then time the
+    vision encoding (preprocessing, ViT, resampler, splice), the LLM prefill, and --new-tokens decode steps
+    after it in each way of running them: eager as stored (row-major), eager in decode_layout() (column-major,
+    what sample.py uses on CPU), and the faster of the two compiled. One static cache serves the three runs."""
+    m = model.XGenMM.from_pretrained(args.checkpoint)
+    lm = m.lang_model
+    if args.layers and args.layers < len(lm.model.layers):  # what fits: the rest is never touched
+        lm.model.layers, lm.config.num_hidden_layers = lm.model.layers[: args.layers], args.layers
+    m.to(getattr(torch, args.dtype))  # tensor by tensor, from the mapped bf16 file
+    make_resident(m)
+    img, prompt, n = noise_photo(), photo_prompt(m, args.prompt_tokens), args.new_tokens
+    out = {"dtype": args.dtype, "layers": len(lm.model.layers), "param_bytes": param_bytes(m),
+           "decode_bytes": decode_bytes(lm)}
+    with torch.no_grad():  # CPU seconds too: wall >> CPU / threads means the run waited for the cores
+        t, c = time.perf_counter(), time.process_time()
+        embeds = m.prepare_inputs(torch.tensor([prompt]), model.Images.from_pil([[img]], m.config))[0]
+        out |= {"vision_s": time.perf_counter() - t, "vision_cpu_s": time.process_time() - c}
+        T = embeds.shape[1]
+        lm.setup_cache(1, T + 3 * n)
+        try:
+            t, c = time.perf_counter(), time.process_time()
+            tok = lm(embeds=embeds, input_pos=torch.arange(T), last_only=True)[:, -1].argmax(-1)
+            out |= {"positions": T, "prefill_s": time.perf_counter() - t, "prefill_cpu_s": time.process_time() - c}
+            for i, mode in enumerate(["eager", "eager_decode_layout"] + ["compiled"] * args.compile):
+                # the compiled step takes the faster eager layout (bf16 on an AVX2 CPU: the stored one)
+                layout = mode.endswith("layout") or (mode == "compiled" and
+                                                     out["eager_decode_layout"]["step_s"] < out["eager"]["step_s"])
+                lm.decode_layout(layout)
+                step = torch.compile(lm.decode_step, dynamic=False) if mode == "compiled" else lm.decode_step
+                times = []
+                for pos in range(T + i * n, T + (i + 1) * n):
+                    t = time.perf_counter()
+                    tok = step(tok[:, None], torch.tensor([pos])).argmax(-1)
+                    times.append(time.perf_counter() - t)
+                steady = times[2:] if mode == "compiled" and n > 3 else times  # the first compiled steps compile
+                out[mode] = {"first_step_s": times[0], "step_s": statistics.median(steady),
+                             "decode_tok_s": 1 / statistics.median(steady), "decode_layout": layout}
+        finally:
+            lm.clear_cache()
+    return out
+
+
+def full_one(args):
+    """One measurement in this fresh process, so that its peak RSS is its own; prints one JSON line."""
+    files = weight_files(args.checkpoint)
+    if args.cold:
+        drop_page_cache(files)
+    t0 = time.perf_counter()
+    if args.what == "read":
+        out = {"bytes": read_files(files), "seconds": time.perf_counter() - t0}
+    elif args.what in ("load", "load-transformers"):
+        m = model.XGenMM.from_pretrained(args.checkpoint) if args.what == "load" else transformers_lm(args.checkpoint)
+        t1 = time.perf_counter()
+        make_resident(m)
+        out = {"returns_s": t1 - t0, "seconds": time.perf_counter() - t0, "bytes": param_bytes(m)}
+    else:
+        out = cpu_forward(args)
+    print(json.dumps(out | {"peak_rss": peak_rss()}))
+
+
+def run_one(args, what, cold=False, **kw):
+    import subprocess
+    import sys
+    cmd = [sys.executable, __file__, "full-one", "--what", what, "--checkpoint", str(args.checkpoint),
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+           "--compile" if args.compile else "--no-compile"]
+    cmd += ["--cold"] * cold + [x for k, v in kw.items() for x in (f"--{k}", str(v))]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {what}{' (cold)' * cold} {kw or ''}: {json.dumps(r)}", flush=True)
+    return r
+
+
+def extrapolate(runs, key, n):
+    """Fit t = a + b * layers through the runs (two or more layer counts) and evaluate at n layers."""
+    xs, ys = [r["layers"] for r in runs], [key(r) for r in runs]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my + b * (n - mx)
+
+
+DECODE_MODES = {"eager": "eager, weights as stored", "eager_decode_layout": "eager, decode_layout()",
+                "compiled": "compiled"}
+
+
+def cpu_rows(r, gb=1e9):
+    """The markdown rows of the CPU figures (see full_cpu)."""
+    rows, nb = [], r["checkpoint_bytes"]
+    for cache in ("cold", "warm"):
+        rd = r.get(f"read_{cache}")
+        if rd:
+            rows.append(f"| read the {r['files']} files ({nb / gb:.2f} GB), {cache} cache | {rd['seconds']:.1f} s "
+                        f"({rd['bytes'] / rd['seconds'] / gb:.2f} GB/s) | |")
+        for what, name in (("load", "`XGenMM.from_pretrained`"), ("load-transformers", "transformers `Phi3ForCausalLM`")):
+            x = r.get(f"{what}_{cache}")
+            if x and rd:
+                rows.append(f"| {name} ({x['bytes'] / gb:.2f} GB of weights), {cache}: returns / all weights "
+                            f"resident | {x['returns_s']:.1f} s / {x['seconds']:.1f} s ({x['seconds'] / rd['seconds']:.2f}x "
+                            f"the read) | {'≤ 2x the read' if what == 'load' else ''} |")
+                rows.append(f"| its peak RSS, {cache} | {x['peak_rss'] / gb:.2f} GB ({x['peak_rss'] / x['bytes']:.2f}x "
+                            f"its weights) | {'≤ 1.15x' if what == 'load' else ''} |")
+    for key in [k for k in r if k.startswith(("bf16", "fp32"))]:
+        x = r[key]
+        what = f"{x['dtype']}, {x['layers']} LLM blocks" + (" (extrapolated)" if x.get("extrapolated") else "")
+        bound, bound16 = r["bandwidth"] / x["decode_bytes"], r["bandwidth_bf16"] / x["decode_bytes"]
+        rows.append(f"| CPU {what}: vision, 640x480 image (5 views) -> {x['positions'] - r['prompt_tokens']} tokens "
+                    f"| {x['vision_s']:.1f} s | |")
+        rows.append(f"| CPU {what}: LLM prefill, {x['positions']} positions | {x['prefill_s']:.1f} s "
+                    f"({x['positions'] / x['prefill_s']:.1f} tok/s) | |")
+        for mode, name in DECODE_MODES.items():
+            if mode in x:
+                d = x[mode]["decode_tok_s"]
+                if mode == "compiled":
+                    name += ", decode_layout()" if x[mode].get("decode_layout") else ", weights as stored"
+                extra = f"; {d / bound16:.0%} of the bf16-GEMV bound" if x["dtype"] == "bfloat16" else ""
+                rows.append(f"| CPU {what}: decode b=1, {name} | {d:.2f} tok/s ({d / bound:.0%} of the bound, "
+                            f"{bound:.2f} tok/s{extra}) | |")
+        best = min(x[k]["step_s"] for k in ("eager", "eager_decode_layout"))
+        rows.append(f"| CPU {what}: image + {r['prompt_tokens']} tokens -> {r['new_tokens']} new (sum, best eager) | "
+                    f"{x['vision_s'] + x['prefill_s'] + (r['new_tokens'] - 1) * best:.1f} s | |")
+    return rows
+
+
+def full_cpu(args):
+    """Load time and peak RSS (ours, transformers', the file read), each in a fresh process, cold and warm;
+    forward and decode in bf16 and in fp32 (or the fp32 layers that fit), eager and compiled."""
+    files = weight_files(args.checkpoint)
+    r = {"checkpoint": str(args.checkpoint), "files": len(files), "checkpoint_bytes": sum(f.stat().st_size for f in files),
+         "bandwidth": bandwidth(args, CPU, torch.float32), "bandwidth_bf16": read_bandwidth(CPU, torch.bfloat16),
+         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": torch.get_num_threads()}
+    print(f"{r['checkpoint']}: {r['files']} files, {r['checkpoint_bytes'] / 1e9:.2f} GB; read bandwidth (GEMV) "
+          f"fp32 {r['bandwidth'] / 1e9:.1f} GB/s, bf16 {r['bandwidth_bf16'] / 1e9:.1f} GB/s", flush=True)
+    if "load" in args.measure:
+        whats = ["read", "load"] + ["load-transformers"] * args.transformers
+        for cache in ("cold", "warm"):
+            for what in whats:
+                if cache == "warm":
+                    run_one(args, "read")  # the files into the page cache again
+                r[f"{what}_{cache}"] = run_one(args, what, cold=cache == "cold")
+    if "forward" in args.measure:
+        r["bf16"] = run_one(args, "forward", dtype="bfloat16")
+        fp32 = [run_one(args, "forward", dtype="float32", layers=k) for k in args.fp32_layers]
+        for k, x in zip(args.fp32_layers, fp32):
+            r[f"fp32_{k}"] = x
+        n = r["bf16"]["layers"]
+        if len(fp32) > 1 and n not in [x["layers"] for x in fp32]:
+            r[f"fp32_{n}"] = fp32_extrapolated(fp32, n)
+    report("| measure | measured | target |", cpu_rows(r), r, args.json)
+
+
+def fp32_extrapolated(runs, n):
+    """The fp32 figures of the whole model, fitted linearly in the LLM block count from the runs that fit."""
+    fit = lambda key: extrapolate(runs, key, n)  # noqa: E731
+    x = {"dtype": "float32", "layers": n, "extrapolated": True, "positions": runs[0]["positions"],
+         "vision_s": statistics.mean(r["vision_s"] for r in runs)}  # the vision side is the same in every run
+    x |= {k: fit(lambda r: r[k]) for k in ("prefill_s", "decode_bytes", "param_bytes")}
+    for mode in DECODE_MODES:
+        if all(mode in r for r in runs):
+            step = fit(lambda r: r[mode]["step_s"])
+            x[mode] = {"step_s": step, "decode_tok_s": 1 / step, "decode_layout": runs[-1][mode].get("decode_layout")}
+    return x
+
+
+# ---- on a GPU (or, at small sizes, on the CPU: the same code path)
+
+
+def train_step_figures(m, args, device, peak, dtype):
+    """train.py's own step (train_step: loss summed over the supervised tokens, AdamW, clipping; ViT frozen,
+    resampler + LLM trained) with gradient checkpointing, on --train-batch samples of one 640x480 image and
+    --train-text tokens; tokens/s, MFU and the peak memory over the timed steps."""
+    from types import SimpleNamespace
+    import train
+    a = SimpleNamespace(stage="sft", train_vit=False, lr=2e-5, weight_decay=0.0, clip=1.0, grad_checkpointing=True,
+                        compile=False, fsdp=False)
+    m.to(device=device, dtype=dtype)
+    train.configure(m, a)
+    wrapped = train.wrap(m.train(), a, device, 1)
+    s = SimpleNamespace(wrapped=wrapped, world=1, device=device, args=a, opt=train.make_optimizer(m, a, device),
+                        params=[p for p in m.parameters() if p.requires_grad])
+    B, img = args.train_batch, noise_photo()
+    ids = torch.tensor([photo_prompt(m, args.train_text, seed=b) for b in range(B)])
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": None,
+             "images": model.Images.from_pil([[img]] * B, m.config)}
+    train.train_step(s, [batch])  # warm-up; creates the optimizer state
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = statistics.median(timed(lambda: train.train_step(s, [batch]), device) for _ in range(args.repeats))
+    tokens = B * (args.train_text + m.config.image_tokens(img.size))
+    mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
+    return {"samples": B, "tokens": tokens, "step_s": t, "tok_s": tokens / t,
+            "mfu": train_flops(m, tokens, len(batch["images"].pixel_values)) / t / peak, "peak_memory": mem}
+
+
+def full_gpu(args):
+    """On --device (cuda): load time, prefill and decode tok/s at each --batches size, a training step of the
+    checkpoint's model with gradient checkpointing and its peak memory, and the `small` preset's training MFU."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_matmul_flops(device, dtype)
+    r = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+         "dtype": args.dtype, "peak_flops": peak, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
+    sync(device)
+    t0 = time.perf_counter()
+    m = model.XGenMM.from_pretrained(args.checkpoint, dtype=dtype, device=device)
+    sync(device)
+    r["load"] = {"seconds": time.perf_counter() - t0, "bytes": param_bytes(m)}
+    for batch in args.batches:
+        for comp in [False, True] if args.compile else [False]:
+            r[f"decode_b{batch}" + "_compiled" * comp] = decode_figures(m, args, device, batch, comp)
+    r["train"] = train_step_figures(m, args, device, peak, dtype)
+    del m
+    torch.manual_seed(0)
+    small = model.XGenMM(model.preset("small"))
+    small.lang_model.init_weights()
+    r["train_small"] = train_step_figures(small, args, device, peak, torch.float32)  # fp32 master, as train.py
+    report(f"| {r['device']}, {args.dtype} | measured |", gpu_rows(r), r, args.json)
+
+
+def gpu_rows(r, gb=1e9):
+    rows = [f"| load `XGenMM.from_pretrained` ({r['load']['bytes'] / gb:.2f} GB) | {r['load']['seconds']:.1f} s |"]
+    for k in [k for k in r if k.startswith("decode_b")]:
+        x, how = r[k], "compiled" if k.endswith("compiled") else "eager"
+        rows.append(f"| batch {x['batch']}, {how}: prefill image + {r['prompt_tokens']} tokens ({x['positions']} "
+                    f"positions) | {x['prefill_tok_s']:,.0f} tok/s ({x['prefill_s'] * 1e3:,.0f} ms) |")
+        rows.append(f"| batch {x['batch']}, {how}: decode | {x['decode_tok_s']:,.1f} tok/s "
+                    f"({x['step_s'] * 1e3:.1f} ms/step) |")
+    for k, name in (("train", "checkpoint's model"), ("train_small", "`small` preset")):
+        x = r[k]
+        rows.append(f"| training step, {name}, {x['samples']} x {x['tokens'] // x['samples']} tokens, grad. "
+                    f"checkpointing | {x['tok_s']:,.0f} tok/s, MFU {x['mfu']:.1%}, peak memory "
+                    f"{x['peak_memory'] / gb:.1f} GB |")
+    return rows
+
+
+# ---- FSDP2 on 8 GPUs: memory per GPU, from the real configs
+
+def saved_bytes(fn, exclude):
+    """Bytes autograd keeps for the backward of fn(): each storage once, those of `exclude` (parameters,
+    inputs) left out."""
+    skip, kept = {t.untyped_storage().data_ptr() for t in exclude}, {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            kept[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(kept.values())
+
+
+def saved_per_unit(run, units=(16, 32)):
+    """(fixed bytes, bytes per unit) of run(n) -> saved bytes, fitted through two sizes."""
+    a, b = (run(n) for n in units)
+    per = (b - a) / (units[1] - units[0])
+    return a - per * units[0], per
+
+
+def real_size(make, dtype=torch.bfloat16):
+    """make() built on the meta device, then given CPU memory in `dtype` and filled as init_weights does
+    (matrices N(0, 0.02), biases 0, other vectors 1): real sizes without a slow fp32 initialisation."""
+    with torch.device("meta"):
+        module = make()
+    module = module.to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.zero_() if name.endswith("bias") else p.fill_(1.0)
+    return module
+
+
+def activation_costs(cfg, lora_r=64):
+    """Saved-for-backward bytes measured on real-size bf16 modules (CPU, SDPA's fused causal kernel, as on a
+    GPU): per token of a Phi-3 block, the same with rank-`lora_r` LoRA (dropout 0.05, base frozen), the final
+    norm + the fused loss (SFT, per supervised token, + its fp32 weight gradient), the final norm + per-sequence
+    log-likelihoods (DPO, per supervised token), and per group of 729 features through the resampler."""
+    import lora
+    t, dt = cfg.text, torch.bfloat16
+    inv, scale = phi3.rope_inv_freq(t)
+
+    def block_run(block):
+        def run(T):
+            x = torch.randn(1, T, t.hidden_size, dtype=dt, requires_grad=True)
+            cos, sin = phi3.rope_cos_sin(t, torch.arange(T)[None], dt, inv, None, scale)
+            return saved_bytes(lambda: block(x, cos, sin, None, None), [x, *block.parameters()])
+        return saved_per_unit(run)
+    out = {"block": block_run(real_size(lambda: phi3.Block(t)).train())}
+    b = real_size(lambda: phi3.Block(t))
+    lora.apply_lora(b, r=lora_r, alpha=2 * lora_r, dropout=0.05)
+    lora.mark_only_lora_trainable(b)
+    out["block_lora"] = block_run(b.train())
+    del b
+    norm = phi3.RMSNorm(t.hidden_size, t.rms_norm_eps).to(dt)
+    head = real_size(lambda: torch.nn.Linear(t.hidden_size, t.output_vocab_size or t.vocab_size))
+
+    def head_run(loss, trained):
+        head.requires_grad_(trained)
+
+        def run(T):
+            x = torch.randn(1, T, t.hidden_size, dtype=dt, requires_grad=True)
+            y = torch.randint(0, head.out_features, (1, T))
+            return saved_bytes(lambda: loss(norm(x), head.weight, head.bias, y), [x, *head.parameters(), norm.weight])
+        return saved_per_unit(run)
+    out["head_sft"] = head_run(lambda x, w, b, y: fused.linear_cross_entropy(x, w, b, y, "sum"), True)
+    out["head_dpo"] = head_run(phi3.sequence_nll, False)
+    del head
+    res = real_size(lambda: resampler.PerceiverResampler(cfg.resampler)).train()
+    P = cfg.vision.num_patches
+
+    def res_run(G):
+        x = torch.randn(G, P, cfg.resampler.dim, dtype=dt)
+        return saved_bytes(lambda: res(x, torch.ones(G, P, dtype=torch.bool)), [x, *res.parameters()])
+    out["resampler_group"] = saved_per_unit(res_run, (1, 2))
+    return out
+
+
+def parameter_counts(cfg, lora_r=64):
+    """Parameters of each part, counted on a meta-device model of `cfg` (nothing allocated)."""
+    import lora
+    n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    with torch.device("meta"):
+        m = model.XGenMM(cfg)
+        lm = m.lang_model
+        c = {"vit": n(m.vision_encoder), "pooling_head": sum(math.prod(s) for s in pooling_head_shapes(cfg.vision).values()),
+             "resampler": n(m.vision_tokenizer), "embed": n(lm.model.embed_tokens), "blocks": n(lm.model.layers),
+             "head": n(lm.lm_head) + n(lm.model.norm), "layers": len(lm.model.layers)}
+        lora.apply_lora(lm, r=lora_r, alpha=2 * lora_r)
+        c["lora"] = sum(p.numel() for k, p in lm.named_parameters() if ".lora_" in k)
+    c["lm"] = c["embed"] + c["blocks"] + c["head"]
+    c["model"] = c["vit"] + c["resampler"] + c["lm"]
+    return c
+
+
+def fsdp_plan(c, act, cfg, gpus, batch, T, groups, supervised, lora_run):
+    """Bytes per GPU, term by term, of one training step of train.py/dpo.py --fsdp --grad-checkpointing on a
+    bf16 checkpoint: train.py keeps the checkpoint's dtype, so parameters, gradients and AdamW's two states are
+    all bf16 (2 bytes), and autocast computes in bf16. FSDP2 (fully_shard on each LLM block, then on the model)
+    shards every tensor over the GPUs; the root group (ViT, resampler, embeddings, final norm, head) stays
+    gathered from forward to backward (FSDP2 does not reshard the root after forward), and up to two blocks
+    are gathered at a time (the current one and the prefetched one). Each term is taken at its largest at
+    once: an upper bound. `batch` rows of T positions per GPU; for DPO the rows are chosen + rejected."""
+    C, L, two = cfg.text.hidden_size, c["layers"], 2
+    block, root = c["blocks"] / L, c["model"] - c["blocks"]
+    lora_block = c["lora"] / L if lora_run else 0
+    trained = c["lora"] if lora_run else c["model"] - c["vit"]
+    root_trained = 0 if lora_run else root - c["vit"]
+    rows = {"parameters, sharded": (c["model"] + (c["lora"] if lora_run else 0)) * two / gpus,
+            "root group, gathered (ViT, resampler, embeddings, head)": root * two,
+            "2 LLM blocks gathered (current + prefetched)": 2 * (block + lora_block) * two,
+            "gradients, sharded": trained * two / gpus,
+            "gradients before reduce-scatter (root group + 1 block)": (root_trained + block * (not lora_run) + lora_block) * two,
+            "AdamW exp_avg + exp_avg_sq, sharded": 2 * trained * two / gpus}
+    per_block = act["block_lora" if lora_run else "block"][1]
+    fixed, per_sup = act["head_dpo" if lora_run else "head_sft"]
+    rows[f"activations: {L} block inputs kept by checkpointing"] = L * batch * T * C * two
+    rows["activations: one block recomputed in backward"] = batch * T * per_block
+    if not lora_run:  # DPO trains nothing before the LLM: the resampler keeps no activations
+        rows["activations: resampler"] = batch * groups * act["resampler_group"][1] + act["resampler_group"][0]
+    rows["activations: final norm + loss"] = fixed + batch * supervised * per_sup
+    return rows
+
+
+def fsdp_memory(args):
+    """Parameter counts of the real configs and the per-GPU memory of SFT and DPO-with-LoRA under FSDP2."""
+    cfg = model.preset("xgenmm")
+    c, act = parameter_counts(cfg), activation_costs(cfg)
+    img = cfg.image_tokens((640, 480))
+    groups = img // cfg.resampler.num_latents
+    T, b, ans = args.seq_len, args.micro_batch, args.answer_tokens
+    plans = {"sft": fsdp_plan(c, act, cfg, args.gpus, b, T, groups, T - img, False),
+             "dpo": fsdp_plan(c, act, cfg, args.gpus, 2 * b, T, groups, ans, True)}
+    r = {"params": c, "activation_costs": act, "plans": plans, "seq_len": T, "micro_batch": b, "gpus": args.gpus}
+    g, M = 1e9, 1e6
+    print("| part | parameters | bf16 |\n|---|---|---|")
+    for k, name in (("vit", "ViT, SigLIP so400m (27 blocks; the pooling head not loaded)"),
+                    ("pooling_head", "SigLIP pooling head (in the files only)"), ("resampler", "Perceiver resampler"),
+                    ("embed", "LLM embeddings (32064 rows)"), ("blocks", f"LLM: {c['layers']} blocks"),
+                    ("head", "LLM: final norm + head (with bias)"), ("model", "the model in memory"),
+                    ("lora", "LoRA r=64 on qkv/o/gate_up/down (DPO)")):
+        print(f"| {name} | {c[k] / M:,.1f}M | {c[k] * 2 / g:.2f} GB |")
+    print(f"| the checkpoint's files | {(c['model'] + c['pooling_head']) / M:,.1f}M | "
+          f"{(c['model'] + c['pooling_head']) * 2 / g:.2f} GB |")
+    rows = [f"| {k} | {plans['sft'].get(k, 0) / g:.2f} GB | {plans['dpo'].get(k, 0) / g:.2f} GB |"
+            for k in dict.fromkeys([*plans["sft"], *plans["dpo"]])]
+    rows.append(f"| **total per GPU** (of 80 GB) | **{sum(plans['sft'].values()) / g:.1f} GB** | "
+                f"**{sum(plans['dpo'].values()) / g:.1f} GB** |")
+    report(f"| per GPU, {args.gpus} GPUs, FSDP2, grad. checkpointing, bf16 | SFT: {b} x {T} positions "
+           f"(1 image = {img}) | DPO, LoRA: {b} pairs = {2 * b} x {T} ({ans} answer tokens) |", rows, r, args.json)
+
+
+def full(args):
+    if args.make_checkpoint:
+        t = time.perf_counter()
+        path = make_checkpoint(args.make_checkpoint, args.preset, getattr(torch, args.dtype), args.seed)
+        files = weight_files(path)
+        print(f"{path}: {', '.join(f'{f.name} ({f.stat().st_size / 1e9:.2f} GB)' for f in files)}; "
+              f"{sum(f.stat().st_size for f in files) / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s, "
+              f"peak RSS {peak_rss() / 1e9:.2f} GB")
+    elif args.memory:
+        fsdp_memory(args)
+    else:
+        gpu = (args.suite or ("gpu" if args.device.startswith("cuda") else "cpu")) == "gpu"
+        (full_gpu if gpu else full_cpu)(args)
+
+
+def full_flags(sub):
+    f = sub.add_parser("full", help="the real 4.4B model: a random checkpoint in the release's layout; load time, peak "
+                                    "RSS, CPU forward and decode, transformers' load; the GPU figures; FSDP2 memory")
+    what = f.add_mutually_exclusive_group(required=True)
+    what.add_argument("--make-checkpoint", metavar="DIR", help="write a random checkpoint of --preset (bf16) to DIR")
+    what.add_argument("--checkpoint", metavar="DIR", help="measure this checkpoint (CPU suite, or GPU suite on cuda)")
+    what.add_argument("--memory", action="store_true", help="parameter counts and FSDP2 memory per GPU (no weights)")
+    f.add_argument("--preset", default="xgenmm", choices=sorted(model.PRESET_PARTS), help="--make-checkpoint's size")
+    f.add_argument("--seed", type=int, default=0, help="--make-checkpoint's random values")
+    f.add_argument("--device", default="cpu", help="cpu or cuda: which suite runs (see --suite)")
+    f.add_argument("--suite", choices=["cpu", "gpu"], default=None,
+                   help="force a suite: `gpu` on --device cpu runs the GPU path at small sizes (default: by --device)")
+    f.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="--make-checkpoint's dtype, and the GPU suite's")
+    f.add_argument("--measure", nargs="+", default=["load", "forward"], choices=["load", "forward"],
+                   help="CPU suite: load time and RSS, and/or forward and decode")
+    f.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU suite: also load transformers' Phi3ForCausalLM from the same files")
+    f.add_argument("--fp32-layers", nargs="+", type=int, default=[8, 16],
+                   help="CPU suite: fp32 runs keep this many LLM blocks (what fits in memory); two or more counts "
+                        "are extrapolated to the whole model. The whole fp32 model needs ~19 GB free")
+    f.add_argument("--prompt-tokens", type=int, default=64, help="text tokens after the image")
+    f.add_argument("--new-tokens", type=int, default=16, help="tokens decoded")
+    f.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="GPU suite: generation batch sizes")
+    f.add_argument("--train-batch", type=int, default=4, help="GPU suite: samples per training step")
+    f.add_argument("--train-text", type=int, default=1408, help="GPU suite: text tokens per sample (+ 640 image tokens)")
+    f.add_argument("--peak-tflops", type=float, default=None, help="matmul peak for the MFU (H100 SXM bf16: 989; "
+                                                                    "default: measured)")
+    f.add_argument("--bandwidth-gbs", type=float, default=None, help="read bandwidth instead of measuring it")
+    f.add_argument("--gpus", type=int, default=8, help="--memory: GPUs sharing the model")
+    f.add_argument("--seq-len", type=int, default=2048, help="--memory: positions per row (train.py --max-len)")
+    f.add_argument("--micro-batch", type=int, default=4, help="--memory: rows (SFT) or pairs (DPO) per GPU")
+    f.add_argument("--answer-tokens", type=int, default=512, help="--memory: supervised tokens per DPO row")
+    f.add_argument("--repeats", type=int, default=3, help="GPU suite: timed training steps (median kept)")
+    f.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the decode step through torch.compile")
+    f.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    f.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    f.set_defaults(run=full)
+    one = sub.add_parser("full-one")  # internal: one measurement of `full`, in a fresh process
+    one.add_argument("--what", choices=["read", "load", "load-transformers", "forward"])
+    one.add_argument("--checkpoint")
+    one.add_argument("--cold", action="store_true")
+    one.add_argument("--dtype", default="bfloat16")
+    one.add_argument("--layers", type=int, default=None)
+    one.add_argument("--prompt-tokens", type=int, default=64)
+    one.add_argument("--new-tokens", type=int, default=16)
+    one.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    one.add_argument("--threads", type=int, default=None)
+    one.set_defaults(run=full_one)
+
+
 def common_flags(p, presets_help, compile_help, bandwidth=True):
     p.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(SHAPES), help=presets_help)
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each side (median kept)")
@@ -697,6 +1337,7 @@ def main():
     one.add_argument("--repeats", type=int, default=5)
     one.add_argument("--threads", type=int, default=None)
     one.set_defaults(run=dpo_one)
+    full_flags(sub)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
