@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 import model as xgenmm
+import train
 
 METRICS = ("caption_f1", "vqa", "counting", "ocr", "ocr_small", "grounding", "multi_image", "hallucination",
            "refusal_unsafe", "false_refusal", "fewshot_0", "fewshot_4", "fewshot_8", "arithmetic")
@@ -238,10 +239,10 @@ def checkpoint_dir(path):
     """A checkpoint directory, or a run directory's newest checkpoint."""
     path = Path(path)
     if path.is_dir() and not (path / "config.json").is_file():
-        ckpts = sorted(path.glob("ckpt-*"))
-        if not ckpts:
+        newest = train.newest_checkpoint(path)
+        if newest is None:
             raise SystemExit(f"eval.py: {path} has neither config.json nor ckpt-* checkpoints")
-        return ckpts[-1]
+        return newest
     return path
 
 

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw
 
 import model as xgenmm
 import toyworld
+import train
 
 WHAT = 1 + len(toyworld.SHAPES) * len(toyworld.COLOURS) + 2  # background, (colour, shape)s, hazard, text
 HAZARD, LABEL = WHAT - 2, WHAT - 1
@@ -175,10 +176,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     tok = xgenmm.Tokenizer.from_pretrained(Path(args.data) / "tokenizer")
     xgenmm.extend_tokenizer(tok)
-    m = xgenmm.XGenMM(xgenmm.preset("tiny", args.strategy, tok))
-    m.lang_model.init_weights()
-    m.vision_encoder.init_weights()
-    m.tokenizer = tok
+    m = train.toy_model(tok, args.strategy)  # the same new model train.py builds from scratch
     vit, config = m.vision_encoder.requires_grad_(True).train(), m.config
     probe = Probe(config.vision.hidden_size, config.text.hidden_size)
     params = list(vit.parameters()) + list(m.vision_tokenizer.parameters()) + list(probe.parameters())
