@@ -995,7 +995,22 @@ def fp32_extrapolated(runs, n):
 def train_step_figures(m, args, device, peak, dtype):
     """train.py's own step (train_step: loss summed over the supervised tokens, AdamW, clipping; ViT frozen,
     resampler + LLM trained) with gradient checkpointing, on --train-batch samples of one 640x480 image and
-    --train-text tokens; tokens/s, MFU and the peak memory over the timed steps."""
+    --train-text tokens, the weights in `dtype` (train.py --param-dtype); tokens/s, MFU and the peak memory
+    over the timed steps. A GPU too small for it gives {"out_of_memory": the error} and the suite goes on."""
+    oom = None
+    try:
+        return {"param_dtype": str(dtype).removeprefix("torch."), **train_step_run(m, args, device, peak, dtype)}
+    except torch.OutOfMemoryError as e:
+        oom = str(e).splitlines()[0]
+    for p in m.parameters():  # the failed step's gradients; its optimiser went with its frame
+        p.grad = None
+    mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"param_dtype": str(dtype).removeprefix("torch."), "out_of_memory": oom, "peak_memory": mem}
+
+
+def train_step_run(m, args, device, peak, dtype):
     from types import SimpleNamespace
     import train
     a = SimpleNamespace(stage="sft", train_vit=False, lr=2e-5, weight_decay=0.0, clip=1.0, grad_checkpointing=True,
@@ -1021,7 +1036,8 @@ def train_step_figures(m, args, device, peak, dtype):
 
 def full_gpu(args):
     """On --device (cuda): load time, prefill and decode tok/s at each --batches size, a training step of the
-    checkpoint's model with gradient checkpointing and its peak memory, and the `small` preset's training MFU."""
+    checkpoint's model with gradient checkpointing and its peak memory (bf16 weights, then train.py's default
+    fp32 weights), and the `small` preset's training MFU."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_matmul_flops(device, dtype)
     r = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
@@ -1034,7 +1050,8 @@ def full_gpu(args):
     for batch in args.batches:
         for comp in [False, True] if args.compile else [False]:
             r[f"decode_b{batch}" + "_compiled" * comp] = decode_figures(m, args, device, batch, comp)
-    r["train"] = train_step_figures(m, args, device, peak, dtype)
+    for param_dtype in (torch.bfloat16, torch.float32):  # bf16 fits one GPU; train.py's fp32 default may not
+        r[f"train_{str(param_dtype).removeprefix('torch.')}"] = train_step_figures(m, args, device, peak, param_dtype)
     del m
     torch.manual_seed(0)
     small = model.XGenMM(model.preset("small"))
@@ -1051,11 +1068,14 @@ def gpu_rows(r, gb=1e9):
                     f"positions) | {x['prefill_tok_s']:,.0f} tok/s ({x['prefill_s'] * 1e3:,.0f} ms) |")
         rows.append(f"| batch {x['batch']}, {how}: decode | {x['decode_tok_s']:,.1f} tok/s "
                     f"({x['step_s'] * 1e3:.1f} ms/step) |")
-    for k, name in (("train", "checkpoint's model"), ("train_small", "`small` preset")):
-        x = r[k]
-        rows.append(f"| training step, {name}, {x['samples']} x {x['tokens'] // x['samples']} tokens, grad. "
-                    f"checkpointing | {x['tok_s']:,.0f} tok/s, MFU {x['mfu']:.1%}, peak memory "
-                    f"{x['peak_memory'] / gb:.1f} GB |")
+    for k, name in (("train_bfloat16", "checkpoint's model"), ("train_float32", "checkpoint's model"),
+                    ("train_small", "`small` preset")):
+        x, what = r[k], f"training step, {name}, {r[k]['param_dtype']} weights"
+        if x.get("out_of_memory"):
+            rows.append(f"| {what} | out of memory ({x['peak_memory'] / gb:.1f} GB allocated at the peak) |")
+            continue
+        rows.append(f"| {what}, {x['samples']} x {x['tokens'] // x['samples']} tokens, grad. checkpointing | "
+                    f"{x['tok_s']:,.0f} tok/s, MFU {x['mfu']:.1%}, peak memory {x['peak_memory'] / gb:.1f} GB |")
     return rows
 
 
@@ -1157,28 +1177,31 @@ def parameter_counts(cfg, lora_r=64):
     return c
 
 
-def fsdp_plan(c, act, cfg, gpus, batch, T, groups, supervised, lora_run):
-    """Bytes per GPU, term by term, of one training step of train.py/dpo.py --fsdp --grad-checkpointing on a
-    bf16 checkpoint: train.py keeps the checkpoint's dtype, so parameters, gradients and AdamW's two states are
-    all bf16 (2 bytes), and autocast computes in bf16. FSDP2 (fully_shard on each LLM block, then on the model)
-    shards every tensor over the GPUs; the root group (ViT, resampler, embeddings, final norm, head) stays
-    gathered from forward to backward (FSDP2 does not reshard the root after forward), and up to two blocks
-    are gathered at a time (the current one and the prefetched one). Each term is taken at its largest at
-    once: an upper bound. `batch` rows of T positions per GPU; for DPO the rows are chosen + rejected."""
-    C, L, two = cfg.text.hidden_size, c["layers"], 2
+def fsdp_plan(c, act, cfg, gpus, batch, T, groups, supervised, lora_run, master=4):
+    """Bytes per GPU, term by term, of one training step of train.py/dpo.py --fsdp --grad-checkpointing on
+    CUDA: the weights, gradients and AdamW's two states in --param-dtype (`master` bytes each; fp32 by default,
+    even from the bf16 release), and the compute in bf16 under autocast. FSDP2 (fully_shard on each LLM block,
+    then on the model) shards every tensor over the GPUs and gathers the shards in bf16; the root group (ViT,
+    resampler, embeddings, final norm, head) stays gathered from forward to backward (FSDP2 does not reshard
+    the root after forward), and up to two blocks are gathered at a time (the current one and the prefetched
+    one). Gradients come out of backward in bf16 and are reduce-scattered in fp32 (a copy). Each term is
+    taken at its largest at once: an upper bound. `batch` rows of T positions per GPU; for DPO the rows are
+    chosen + rejected."""
+    C, L, bf16 = cfg.text.hidden_size, c["layers"], 2
     block, root = c["blocks"] / L, c["model"] - c["blocks"]
     lora_block = c["lora"] / L if lora_run else 0
     trained = c["lora"] if lora_run else c["model"] - c["vit"]
     root_trained = 0 if lora_run else root - c["vit"]
-    rows = {"parameters, sharded": (c["model"] + (c["lora"] if lora_run else 0)) * two / gpus,
-            "root group, gathered (ViT, resampler, embeddings, head)": root * two,
-            "2 LLM blocks gathered (current + prefetched)": 2 * (block + lora_block) * two,
-            "gradients, sharded": trained * two / gpus,
-            "gradients before reduce-scatter (root group + 1 block)": (root_trained + block * (not lora_run) + lora_block) * two,
-            "AdamW exp_avg + exp_avg_sq, sharded": 2 * trained * two / gpus}
+    rows = {"parameters, sharded": (c["model"] + (c["lora"] if lora_run else 0)) * master / gpus,
+            "root group, gathered in bf16 (ViT, resampler, embeddings, head)": root * bf16,
+            "2 LLM blocks gathered in bf16 (current + prefetched)": 2 * (block + lora_block) * bf16,
+            "gradients, sharded": trained * master / gpus,
+            "gradients before reduce-scatter (root group + 1 block; bf16 + fp32 copy)":
+                (root_trained + block * (not lora_run) + lora_block) * (bf16 + 4),
+            "AdamW exp_avg + exp_avg_sq, sharded": 2 * trained * master / gpus}
     per_block = act["block_lora" if lora_run else "block"][1]
     fixed, per_sup = act["head_dpo" if lora_run else "head_sft"]
-    rows[f"activations: {L} block inputs kept by checkpointing"] = L * batch * T * C * two
+    rows[f"activations: {L} block inputs kept by checkpointing"] = L * batch * T * C * bf16
     rows["activations: one block recomputed in backward"] = batch * T * per_block
     if not lora_run:  # DPO trains nothing before the LLM: the resampler keeps no activations
         rows["activations: resampler"] = batch * groups * act["resampler_group"][1] + act["resampler_group"][0]
@@ -1193,24 +1216,26 @@ def fsdp_memory(args):
     img = cfg.image_tokens((640, 480))
     groups = img // cfg.resampler.num_latents
     T, b, ans = args.seq_len, args.micro_batch, args.answer_tokens
-    plans = {"sft": fsdp_plan(c, act, cfg, args.gpus, b, T, groups, T - img, False),
-             "dpo": fsdp_plan(c, act, cfg, args.gpus, 2 * b, T, groups, ans, True)}
-    r = {"params": c, "activation_costs": act, "plans": plans, "seq_len": T, "micro_batch": b, "gpus": args.gpus}
+    master = torch.finfo(getattr(torch, args.param_dtype)).bits // 8
+    plans = {"sft": fsdp_plan(c, act, cfg, args.gpus, b, T, groups, T - img, False, master),
+             "dpo": fsdp_plan(c, act, cfg, args.gpus, 2 * b, T, groups, ans, True, master)}
+    r = {"params": c, "activation_costs": act, "plans": plans, "seq_len": T, "micro_batch": b, "gpus": args.gpus,
+         "param_dtype": args.param_dtype}
     g, M = 1e9, 1e6
-    print("| part | parameters | bf16 |\n|---|---|---|")
+    print("| part | parameters | bf16 | fp32 |\n|---|---|---|---|")
     for k, name in (("vit", "ViT, SigLIP so400m (27 blocks; the pooling head not loaded)"),
                     ("pooling_head", "SigLIP pooling head (in the files only)"), ("resampler", "Perceiver resampler"),
                     ("embed", "LLM embeddings (32064 rows)"), ("blocks", f"LLM: {c['layers']} blocks"),
                     ("head", "LLM: final norm + head (with bias)"), ("model", "the model in memory"),
                     ("lora", "LoRA r=64 on qkv/o/gate_up/down (DPO)")):
-        print(f"| {name} | {c[k] / M:,.1f}M | {c[k] * 2 / g:.2f} GB |")
-    print(f"| the checkpoint's files | {(c['model'] + c['pooling_head']) / M:,.1f}M | "
-          f"{(c['model'] + c['pooling_head']) * 2 / g:.2f} GB |")
+        print(f"| {name} | {c[k] / M:,.1f}M | {c[k] * 2 / g:.2f} GB | {c[k] * 4 / g:.2f} GB |")
+    files = c["model"] + c["pooling_head"]
+    print(f"| the checkpoint's files | {files / M:,.1f}M | {files * 2 / g:.2f} GB | |")
     rows = [f"| {k} | {plans['sft'].get(k, 0) / g:.2f} GB | {plans['dpo'].get(k, 0) / g:.2f} GB |"
             for k in dict.fromkeys([*plans["sft"], *plans["dpo"]])]
     rows.append(f"| **total per GPU** (of 80 GB) | **{sum(plans['sft'].values()) / g:.1f} GB** | "
                 f"**{sum(plans['dpo'].values()) / g:.1f} GB** |")
-    report(f"| per GPU, {args.gpus} GPUs, FSDP2, grad. checkpointing, bf16 | SFT: {b} x {T} positions "
+    report(f"| per GPU, {args.gpus} GPUs, FSDP2, grad. checkpointing, {args.param_dtype} weights, bf16 compute | SFT: {b} x {T} positions "
            f"(1 image = {img}) | DPO, LoRA: {b} pairs = {2 * b} x {T} ({ans} answer tokens) |", rows, r, args.json)
 
 
@@ -1248,8 +1273,9 @@ def full_flags(sub):
     f.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU suite: also load transformers' Phi3ForCausalLM from the same files")
     f.add_argument("--fp32-layers", nargs="+", type=int, default=[8, 16],
-                   help="CPU suite: fp32 runs keep this many LLM blocks (what fits in memory); two or more counts "
-                        "are extrapolated to the whole model. The whole fp32 model needs ~19 GB free")
+                   help="CPU suite: fp32 runs keep this many LLM blocks; two or more counts are extrapolated "
+                        "linearly to the whole model. 32: the whole fp32 model, 17.4 GB of weights (peak RSS "
+                        "21 GB, of which ~3.6 GB reclaimable file pages; it ran on a 23 GB machine)")
     f.add_argument("--prompt-tokens", type=int, default=64, help="text tokens after the image")
     f.add_argument("--new-tokens", type=int, default=16, help="tokens decoded")
     f.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="GPU suite: generation batch sizes")
@@ -1259,6 +1285,8 @@ def full_flags(sub):
                                                                     "default: measured)")
     f.add_argument("--bandwidth-gbs", type=float, default=None, help="read bandwidth instead of measuring it")
     f.add_argument("--gpus", type=int, default=8, help="--memory: GPUs sharing the model")
+    f.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="--memory: the trained weights' dtype, as train.py --param-dtype")
     f.add_argument("--seq-len", type=int, default=2048, help="--memory: positions per row (train.py --max-len)")
     f.add_argument("--micro-batch", type=int, default=4, help="--memory: rows (SFT) or pairs (DPO) per GPU")
     f.add_argument("--answer-tokens", type=int, default=512, help="--memory: supervised tokens per DPO row")

@@ -22,6 +22,9 @@ What is notable:
    official layout (XGenMM.from_pretrained and sample.py load it), the optimiser, the RNG states, the data
    position and the arguments. --resume continues from the newest complete one, bit for bit.
 5. A step whose loss is NaN or inf is skipped and counted; too many in a row stop the run.
+6. Weights, gradients and AdamW's states are fp32 (--param-dtype), even from the bf16 release: at SFT's
+   learning rate most updates are smaller than bf16's rounding step and would vanish. On CUDA the forward
+   and backward compute in bf16 under autocast, and FSDP2 gathers the fp32 shards in bf16.
 """
 import argparse
 import json
@@ -61,7 +64,7 @@ def build_parser():
     g.add_argument("--init", nargs="+", default=None, metavar="PATH",
                    help="start from: an xGen-MM checkpoint (or a Hub id in the local cache), a previous run "
                         "directory (its newest checkpoint), or two paths SIGLIP PHI3 (a new model with a fresh "
-                        "resampler). Default: a new `tiny` model sized to the toy world's tokenizer")
+                        "resampler). Default: a new model of --preset sized to the tokenizer (the toy world's)")
     g.add_argument("--data", default=None, help="a mixture config (JSON with 'sources') or one dataset path "
                                                  "(default: the toy world's mixture for the stage, written if missing)")
     g.add_argument("--tokenizer", default=None, help="tokenizer of a model started from scratch (default: the "
@@ -83,6 +86,9 @@ def build_parser():
     g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
     g.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     g = p.add_argument_group("model")
+    g.add_argument("--preset", default=None, choices=sorted(xgenmm.PRESET_PARTS),
+                   help="size of a new model, when there is no --init (default tiny, for a CPU; small: ~100M "
+                   "parameters, for one GPU; xgenmm: the release's architecture, randomly initialised)")
     g.add_argument("--strategy", default=None, choices=xgenmm.STRATEGIES,
                    help="image strategy: of a new model (default anyres), or switched on a checkpoint given to "
                    "--init (same weights, other views; the any-resolution ablation)")
@@ -96,6 +102,11 @@ def build_parser():
     g.add_argument("--lora-dropout", type=float, default=0.05, help="safety stage: LoRA dropout")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    g.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the weights, their gradients and AdamW's states (default float32: master weights "
+                   "in fp32 even from the bf16 release, computing in bf16 under autocast on CUDA; checkpoints are "
+                   "saved in it. bfloat16 halves the memory, but updates smaller than ~0.3%% of a weight round "
+                   "away, as most do at the SFT learning rate)")
     g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
                    help="shard parameters, gradients and optimiser state with FSDP2 (fully_shard) instead of DDP")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
@@ -114,6 +125,10 @@ def build_parser():
 
 def finish_args(args):
     args.out_dir = args.out_dir or f"out/{args.stage}"
+    if args.preset and args.init:
+        raise SystemExit("train.py: --preset sizes a new model and --init starts from a saved one; give only one")
+    if args.init is None:
+        args.preset = args.preset or "tiny"
     toy = args.data is None
     if toy:
         args.data = str(TOY / "mixtures" / f"{args.stage}.json")
@@ -163,9 +178,10 @@ def newest_checkpoint(run_dir):
     return ckpts[-1] if ckpts else None
 
 
-def toy_model(tokenizer, strategy):
-    """A new `tiny` xGen-MM sized to the toy world's tokenizer (extended with the xGen-MM tokens)."""
-    m = xgenmm.XGenMM(xgenmm.preset("tiny", strategy, tokenizer))
+def toy_model(tokenizer, strategy, size="tiny"):
+    """A new xGen-MM of preset `size` with its vocabulary sized to the toy world's tokenizer (extended with
+    the xGen-MM tokens)."""
+    m = xgenmm.XGenMM(xgenmm.preset(size, strategy, tokenizer))
     m.lang_model.init_weights()
     m.vision_encoder.init_weights()
     m.tokenizer = tokenizer
@@ -177,7 +193,7 @@ def load_model(args):
     if args.init is None:
         tok = xgenmm.Tokenizer.from_pretrained(args.tokenizer or data.world_tokenizer(args.data))
         xgenmm.extend_tokenizer(tok)
-        m = toy_model(tok, args.strategy or "anyres")
+        m = toy_model(tok, args.strategy or "anyres", args.preset)
     elif len(args.init) == 2:
         m = xgenmm.XGenMM.from_components(*args.init, strategy=args.strategy or "anyres")
     else:
@@ -224,10 +240,14 @@ def wrap(m, args, device, world):
     if world == 1:
         return m
     if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # On CUDA the fp32 shards are gathered in bf16 (what autocast computes in; half the traffic) and the
+        # gradients reduced in fp32. On the CPU nothing runs in bf16, so the gathers stay in the weights' dtype.
+        cuda = device.type == "cuda"
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
         for block in m.lang_model.model.layers:
-            fully_shard(block)
-        return fully_shard(m)
+            fully_shard(block, mp_policy=mp)
+        return fully_shard(m, mp_policy=mp)
     from torch.nn.parallel import DistributedDataParallel
     # text-only batches leave the resampler unused: DDP must not wait for its gradients then
     return DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None,
@@ -418,7 +438,7 @@ class Session:
         else:  # a new run, or LoRA: the base from --init, the adapters from the checkpoint
             m = load_model(args)
         print0(configure(m, args))
-        self.m = m.to(self.device).train()
+        self.m = m.to(self.device, getattr(torch, args.param_dtype)).train()
         self.wrapped = wrap(m, args, self.device, self.world)
         self.params = [p for p in m.parameters() if p.requires_grad]
         self.opt = make_optimizer(m, args, self.device)  # after wrapping: FSDP2 replaced the parameters

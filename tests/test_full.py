@@ -176,8 +176,28 @@ def test_gpu_suite_runs_on_the_cpu_at_small_sizes(small_checkpoint, tmp_path):
     assert {k for k in r if k.startswith("decode_")} == {"decode_b1", "decode_b1_compiled", "decode_b2",
                                                          "decode_b2_compiled"}
     assert r["decode_b2"]["positions"] == 8 + 160  # 640x480 -> 2x2 crops + global view, 32 latents each
-    for k in ("train", "train_small"):
+    assert [r[k]["param_dtype"] for k in ("train_bfloat16", "train_float32", "train_small")] == \
+        ["bfloat16", "float32", "float32"]
+    for k in ("train_bfloat16", "train_float32", "train_small"):
         assert r[k]["tokens"] == 2 * (16 + 160) and 0 < r[k]["mfu"] < 1 and r[k]["peak_memory"] > 0
+
+
+def test_fsdp_plan_terms():
+    """The per-GPU arithmetic on round numbers: fp32 weights shard at 4 bytes, gathers are bf16, gradients are
+    reduce-scattered in fp32 from their bf16 copy; bf16 weights halve exactly the sharded terms."""
+    from types import SimpleNamespace
+    c = {"layers": 2, "blocks": 200, "model": 1000, "vit": 300, "lora": 20}
+    act = {"block": (0, 10), "block_lora": (0, 12), "head_sft": (5, 1), "head_dpo": (5, 2), "resampler_group": (3, 7)}
+    cfg = SimpleNamespace(text=SimpleNamespace(hidden_size=4))
+    sft = bench.fsdp_plan(c, act, cfg, gpus=4, batch=1, T=10, groups=2, supervised=6, lora_run=False)
+    assert list(sft.values()) == [1000, 1600, 400, 700, 3600, 1400, 160, 100, 17, 11]
+    half = bench.fsdp_plan(c, act, cfg, gpus=4, batch=1, T=10, groups=2, supervised=6, lora_run=False, master=2)
+    sharded = ("parameters, sharded", "gradients, sharded", "AdamW exp_avg + exp_avg_sq, sharded")
+    assert all(half[k] == sft[k] / 2 if k in sharded else half[k] == sft[k] for k in sft)
+    dpo = bench.fsdp_plan(c, act, cfg, gpus=4, batch=2, T=10, groups=2, supervised=6, lora_run=True)
+    # LoRA: only the adapters train (20 = 10 per block); the frozen base is still sharded in fp32
+    assert dpo["parameters, sharded"] == 1020 and dpo["gradients, sharded"] == 20 and "activations: resampler" not in dpo
+    assert dpo["gradients before reduce-scatter (root group + 1 block; bf16 + fp32 copy)"] == 10 * 6
 
 
 @pytest.mark.slow
@@ -204,14 +224,7 @@ def test_fsdp2_small_two_processes_equal_one(tmp_path):
     import toyworld
     world = tmp_path / "world"
     toyworld.write_world(world, seed=0, size="small")
-    tok = model.Tokenizer.from_pretrained(world / "tokenizer")
-    model.extend_tokenizer(tok)
-    torch.manual_seed(0)
-    m = model.XGenMM(model.preset("small", tokenizer=tok))  # train.py has no preset flag: --init a saved one
-    m.lang_model.init_weights()
-    m.tokenizer = tok
-    m.save_pretrained(tmp_path / "init")
-    common = ["--stage", "sft", "--init", str(tmp_path / "init"), "--data", str(world / "mixtures" / "sft.json"),
+    common = ["--stage", "sft", "--preset", "small", "--data", str(world / "mixtures" / "sft.json"),
               "--workers", "0", "--max-len", "384", "--log-every", "1", "--lr", "1e-3", "--max-steps", "2",
               "--grad-checkpointing"]
     torch.set_num_threads(1)

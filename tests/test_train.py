@@ -103,6 +103,36 @@ def test_safety_trains_only_lora_and_saves_a_merged_model(world, tmp_path):
     assert m.tokenizer is not None
 
 
+def test_a_bf16_checkpoint_trains_in_fp32_master_weights(world, tmp_path):
+    """From a bf16 checkpoint (as the release is), an SFT-rate step moves most weights by less than bf16's
+    rounding step: fp32 master weights (the default) keep every update, --param-dtype bfloat16 loses most."""
+    torch.manual_seed(0)
+    tok = model.Tokenizer.from_pretrained(world / "tokenizer")
+    model.extend_tokenizer(tok)
+    train.toy_model(tok, "anyres").to(torch.bfloat16).save_pretrained(tmp_path / "init")
+    init = params(tmp_path / "init")
+    moved = {}
+    for dtype in ("float32", "bfloat16"):
+        args = ["--param-dtype", dtype] if dtype == "bfloat16" else []
+        run(world, tmp_path / dtype, "--stage", "sft", "--init", str(tmp_path / "init"), "--batch-size", "2",
+            "--max-steps", "1", "--lr", "2e-5", *args, mixture="sft")
+        final = params(tmp_path / dtype / "ckpt-0000001")
+        k = "vlm.lang_model.model.layers.0.mlp.down_proj.weight"
+        assert final[k].dtype == getattr(torch, dtype)
+        moved[dtype] = (final[k].float() != init[k].float()).float().mean().item()
+        assert torch.equal(final["vlm.vision_encoder.embeddings.patch_embedding.weight"].float(),
+                           init["vlm.vision_encoder.embeddings.patch_embedding.weight"].float())  # frozen
+    # bf16 keeps only the updates of weights under ~0.01 (N(0, 0.02) init: ~30% of them); fp32 keeps all
+    assert moved["float32"] > 0.99 and moved["bfloat16"] < 0.5, moved
+
+
+def test_preset_sizes_a_new_model_and_conflicts_with_init(world, tmp_path):
+    args = train.finish_args(train.build_parser().parse_args(["--preset", "small"]))
+    assert args.preset == "small" and train.finish_args(train.build_parser().parse_args([])).preset == "tiny"
+    with pytest.raises(SystemExit, match="give only one"):
+        train.finish_args(train.build_parser().parse_args(["--preset", "small", "--init", str(tmp_path)]))
+
+
 def test_bad_samples_are_skipped_and_counted(world, tmp_path):
     rows = json.loads((world / "sft" / "llava_sft.json").read_text())[:12]
     for r in rows:
