@@ -1000,7 +1000,7 @@ def train_step_figures(m, args, device, peak, dtype):
     oom = None
     try:
         return {"param_dtype": str(dtype).removeprefix("torch."), **train_step_run(m, args, device, peak, dtype)}
-    except torch.OutOfMemoryError as e:
+    except torch.cuda.OutOfMemoryError as e:  # the same class as torch.OutOfMemoryError (torch >= 2.5)
         oom = str(e).splitlines()[0]
     for p in m.parameters():  # the failed step's gradients; its optimiser went with its frame
         p.grad = None

@@ -240,7 +240,10 @@ def wrap(m, args, device, world):
     if world == 1:
         return m
     if args.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        try:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        except ImportError:  # torch < 2.6 keeps FSDP2 under its first, private name
+            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
         # On CUDA the fp32 shards are gathered in bf16 (what autocast computes in; half the traffic) and the
         # gradients reduced in fp32. On the CPU nothing runs in bf16, so the gathers stay in the weights' dtype.
         cuda = device.type == "cuda"
