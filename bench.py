@@ -997,9 +997,9 @@ def train_step_figures(m, args, device, peak, dtype):
     resampler + LLM trained) with gradient checkpointing, on --train-batch samples of one 640x480 image and
     --train-text tokens, the weights in `dtype` (train.py --param-dtype); tokens/s, MFU and the peak memory
     over the timed steps. A GPU too small for it gives {"out_of_memory": the error} and the suite goes on."""
-    oom = None
+    name = str(dtype).removeprefix("torch.")
     try:
-        return {"param_dtype": str(dtype).removeprefix("torch."), **train_step_run(m, args, device, peak, dtype)}
+        return {"param_dtype": name, **train_step_run(m, args, device, peak, dtype)}
     except torch.cuda.OutOfMemoryError as e:  # the same class as torch.OutOfMemoryError (torch >= 2.5)
         oom = str(e).splitlines()[0]
     for p in m.parameters():  # the failed step's gradients; its optimiser went with its frame
@@ -1007,7 +1007,7 @@ def train_step_figures(m, args, device, peak, dtype):
     mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"param_dtype": str(dtype).removeprefix("torch."), "out_of_memory": oom, "peak_memory": mem}
+    return {"param_dtype": name, "out_of_memory": oom, "peak_memory": mem}
 
 
 def train_step_run(m, args, device, peak, dtype):
@@ -1235,8 +1235,9 @@ def fsdp_memory(args):
             for k in dict.fromkeys([*plans["sft"], *plans["dpo"]])]
     rows.append(f"| **total per GPU** (of 80 GB) | **{sum(plans['sft'].values()) / g:.1f} GB** | "
                 f"**{sum(plans['dpo'].values()) / g:.1f} GB** |")
-    report(f"| per GPU, {args.gpus} GPUs, FSDP2, grad. checkpointing, {args.param_dtype} weights, bf16 compute | SFT: {b} x {T} positions "
-           f"(1 image = {img}) | DPO, LoRA: {b} pairs = {2 * b} x {T} ({ans} answer tokens) |", rows, r, args.json)
+    report(f"| per GPU, {args.gpus} GPUs, FSDP2, grad. checkpointing, {args.param_dtype} weights, bf16 compute | "
+           f"SFT: {b} x {T} positions (1 image = {img}) | DPO, LoRA: {b} pairs = {2 * b} x {T} ({ans} answer tokens) |",
+           rows, r, args.json)
 
 
 def full(args):

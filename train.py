@@ -88,7 +88,7 @@ def build_parser():
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=None, choices=sorted(xgenmm.PRESET_PARTS),
                    help="size of a new model, when there is no --init (default tiny, for a CPU; small: ~100M "
-                   "parameters, for one GPU; xgenmm: the release's architecture, randomly initialised)")
+                   "parameters with the toy world's vocabulary, for one GPU; xgenmm: the release's architecture, randomly initialised)")
     g.add_argument("--strategy", default=None, choices=xgenmm.STRATEGIES,
                    help="image strategy: of a new model (default anyres), or switched on a checkpoint given to "
                    "--init (same weights, other views; the any-resolution ablation)")
@@ -246,8 +246,8 @@ def wrap(m, args, device, world):
             from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
         # On CUDA the fp32 shards are gathered in bf16 (what autocast computes in; half the traffic) and the
         # gradients reduced in fp32. On the CPU nothing runs in bf16, so the gathers stay in the weights' dtype.
-        cuda = device.type == "cuda"
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+              else MixedPrecisionPolicy())
         for block in m.lang_model.model.layers:
             fully_shard(block, mp_policy=mp)
         return fully_shard(m, mp_policy=mp)

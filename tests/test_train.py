@@ -126,7 +126,7 @@ def test_a_bf16_checkpoint_trains_in_fp32_master_weights(world, tmp_path):
     assert moved["float32"] > 0.99 and moved["bfloat16"] < 0.5, moved
 
 
-def test_preset_sizes_a_new_model_and_conflicts_with_init(world, tmp_path):
+def test_preset_sizes_a_new_model_and_conflicts_with_init(tmp_path):
     args = train.finish_args(train.build_parser().parse_args(["--preset", "small"]))
     assert args.preset == "small" and train.finish_args(train.build_parser().parse_args([])).preset == "tiny"
     with pytest.raises(SystemExit, match="give only one"):
