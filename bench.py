@@ -58,7 +58,7 @@ same model with its adapters off (dpo.py's way) and with a second copy of the mo
 process, and reports the parameter memory, the peak resident memory and steps/s.
 
     python bench.py full --make-checkpoint DIR       # a random 4.4B model in the release's layout (bf16, 8.7 GB)
-    python bench.py full --checkpoint DIR --json out/full-cpu.json            # CPU figures (~30 minutes)
+    python bench.py full --checkpoint DIR --fp32-layers 32 --json out/full-cpu.json   # CPU figures (~17 minutes)
     python bench.py full --checkpoint DIR --device cuda --peak-tflops 989     # GPU figures
     python bench.py full --memory                    # parameter counts, FSDP2 memory per GPU (SFT, DPO-LoRA)
 
@@ -67,9 +67,10 @@ process, and reports the parameter memory, the peak resident memory and steps/s.
 the CPU times, each in a fresh process (so each peak RSS is its own), cold (page cache dropped) and warm:
 reading the files, XGenMM.from_pretrained until every weight is resident, and transformers'
 Phi3ForCausalLM reading the LLM from the same files; then vision encoding, the LLM prefill and decoding in
-bf16 and in fp32 (the fp32 LLM blocks that fit, extrapolated). On cuda it times the load, prefill and
-decode at batch 1 and 8, and train.py's step with gradient checkpointing (tokens/s, MFU, peak memory) for
-the checkpoint's model and for `small`; `--suite gpu` runs that path on the CPU at small sizes.
+bf16 and in fp32 (the whole model with --fp32-layers 32, else the blocks that fit, extrapolated). On cuda
+it times the load, prefill and decode at batch 1 and 8, and train.py's step with gradient checkpointing
+(tokens/s, MFU, peak memory) for the checkpoint's model with bf16 and fp32 weights and for `small`;
+`--suite gpu` runs that path on the CPU at small sizes.
 
 transformers is needed only here and in the tests; the project itself never imports it.
 """
@@ -134,6 +135,25 @@ def decode_bytes(lm):
     """Weight bytes one batch-1 decode step reads: every LM parameter but the embedding table (one row is read).
     The decode bound is bandwidth / decode_bytes tokens/s."""
     return sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if "embed" not in n)
+
+
+def peak_rss():
+    """This process's peak resident memory (VmHWM: anonymous and mapped file pages), in bytes. Not ru_maxrss,
+    which a child started by fork + exec inherits from its parent."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def noise_photo(w=640, h=480, g=None):
+    """A PIL image of uniform noise, drawn from `g` (default: a generator seeded 0)."""
+    g = g or torch.Generator().manual_seed(0)
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g).numpy())
+
+
+def photo_prompt(m, n, g=None):
+    """`<image>` then n random text ids, drawn from `g` (default: a generator seeded 0)."""
+    g = g or torch.Generator().manual_seed(0)
+    return [m.config.image_token_id] + torch.randint(3, m.config.initial_tokenizer_len, (n,), generator=g).tolist()
 
 # -----------------------------------------------------------------------------
 # model pairs on the same weights
@@ -365,8 +385,7 @@ def model_preset(preset, args, bw, tmp):
     """{measure: [ours, reference]}; "..._compiled" runs ours with the ViT, resampler and decode step compiled."""
     m, ref = xgenmm_pair(preset, tmp)
     g = torch.Generator().manual_seed(0)
-    img = Image.fromarray(torch.randint(0, 256, (480, 640, 3), dtype=torch.uint8, generator=g).numpy())
-    ids = [m.config.image_token_id] + torch.randint(3, m.config.initial_tokenizer_len, (PROMPT,), generator=g).tolist()
+    img, ids = noise_photo(640, 480, g), photo_prompt(m, PROMPT, g)
     out = {"parity_max_abs_diff": check_parity(m, ref, ids, img), "decode_bound_tok_s": bw / decode_bytes(m.lang_model)}
     m.lang_model.decode_layout()
     encode = lambda: m.encode_images(model.Images.from_pil([[img]], m.config))  # noqa: E731
@@ -420,8 +439,7 @@ TRAIN_BATCH, TEXT, PHOTO = {"tiny": 4, "small": 2}, 96, (320, 240)  # samples pe
 def train_batch(m, B):
     """B samples, each one random-noise PHOTO and TEXT random supervised tokens: ids (B, 1 + TEXT), PIL images."""
     g, (W, H) = torch.Generator().manual_seed(0), PHOTO
-    imgs = [Image.fromarray(torch.randint(0, 256, (H, W, 3), dtype=torch.uint8, generator=g).numpy())
-            for _ in range(B)]
+    imgs = [noise_photo(W, H, g) for _ in range(B)]
     text = torch.randint(3, m.config.initial_tokenizer_len, (B, TEXT), generator=g)
     return torch.cat((torch.full((B, 1), m.config.image_token_id), text), 1), imgs
 
@@ -635,15 +653,13 @@ def dpo_setup(preset, reference):
 
 def dpo_one(args):
     """One configuration in its own process, so the peak resident memory is this configuration's alone."""
-    import resource
     s, batch, dpo = dpo_setup(args.preset, args.reference)
     params = sum(p.numel() * p.element_size() for p in s.m.parameters())
     if args.reference == "copy":
         params *= 2  # the copy holds the same tensors again (without the adapters: within 3%)
     dpo.dpo_step(s, [batch])  # warm-up
     times = [timed(lambda: dpo.dpo_step(s, [batch]), CPU) for _ in range(args.repeats)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-    print(json.dumps({"peak_rss": peak, "param_bytes": params, "steps_per_s": 1 / statistics.median(times)}))
+    print(json.dumps({"peak_rss": peak_rss(), "param_bytes": params, "steps_per_s": 1 / statistics.median(times)}))
 
 
 def dpo_bench(args):
@@ -765,13 +781,6 @@ def make_resident(module):
     return s
 
 
-def peak_rss():
-    """This process's peak resident memory (VmHWM: anonymous and mapped file pages), in bytes. Not ru_maxrss,
-    which a child started by fork + exec inherits from its parent."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def param_bytes(module):
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
@@ -784,17 +793,6 @@ def transformers_lm(path, dtype=torch.bfloat16):
     return transformers.Phi3ForCausalLM.from_pretrained(
         path, config=transformers.Phi3Config.from_dict(text.to_hf()), dtype=dtype,
         key_mapping={r"^vlm\.lang_model\.": ""})
-
-
-def noise_photo(w=640, h=480, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g).numpy())
-
-
-def photo_prompt(m, n, seed=0):
-    """`<image>` then n random text ids: the prompt every full-scale figure uses."""
-    g = torch.Generator().manual_seed(seed)
-    return [m.config.image_token_id] + torch.randint(3, m.config.initial_tokenizer_len, (n,), generator=g).tolist()
 
 
 def stamped_generate(m, prompts, images, new, compile, device):
@@ -1021,7 +1019,7 @@ def train_step_run(m, args, device, peak, dtype):
     s = SimpleNamespace(wrapped=wrapped, world=1, device=device, args=a, opt=train.make_optimizer(m, a, device),
                         params=[p for p in m.parameters() if p.requires_grad])
     B, img = args.train_batch, noise_photo()
-    ids = torch.tensor([photo_prompt(m, args.train_text, seed=b) for b in range(B)])
+    ids = torch.tensor([photo_prompt(m, args.train_text, torch.Generator().manual_seed(b)) for b in range(B)])
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": None,
              "images": model.Images.from_pil([[img]] * B, m.config)}
     train.train_step(s, [batch])  # warm-up; creates the optimizer state

@@ -378,7 +378,8 @@ class Phi3(nn.Module):
         from memory, and the CPU kernels stream fastest along the longer side of the matrix: measured on
         our 2-core machine, qkv_proj / gate_up_proj / lm_head (out > in) ran at 19-25 GB/s column-major
         against 13-16 GB/s as stored; down_proj (in > out) is faster as stored, so it stays. Names, shapes
-        and values are unchanged. Training GEMMs are ~15% slower in this layout, so it is opt-in, for
+        and values are unchanged. fp32 only: bf16 products take a slow path on column-major weights on such
+        a CPU (~36x slower per step). Training GEMMs are ~15% slower in this layout, so it is opt-in, for
         sampling; `decode_layout(False)` restores it (do that before saving: safetensors wants contiguous).
         """
         for m in self.modules():
