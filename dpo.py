@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import data
 import lora
 import train
@@ -39,8 +40,7 @@ import train
 
 
 def build_parser():
-    p = train.build_parser()
-    p.description = __doc__
+    p = train.build_parser(__doc__, stages=None)
     g = p.add_argument_group("DPO")
     g.add_argument("--beta", type=float, default=0.1, help="strength of the pull toward the reference (paper: 0.1)")
     g.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo"], help="DPO (sigmoid) or IPO")
@@ -64,38 +64,38 @@ def dpo_loss(h, args):
 
 def logps(model, b):
     """(2B,) summed log-likelihood of each row's supervised tokens (the answers)."""
-    return -model(b["input_ids"], b["images"], b["attention_mask"], labels=b["labels"], reduction="sequence")[1]
+    return -model(b["input_ids"], b["images"], b["attention_mask"], labels=b["labels"], reduction="sequence")
 
 
-def reference(s, b, table):
+def reference(run, b, table):
     """The reference log-likelihoods of a batch: from the cache, or the model with its adapters off."""
     if table is not None:
         rows = torch.stack([table[src][i] for src, i in b["keys"]])  # (B, 2): chosen, rejected
-        return torch.cat((rows[:, 0], rows[:, 1])).to(s.device)
-    with torch.no_grad(), lora.disabled(s.m), train.autocast(s.device):
-        return logps(s.m, b).float()
+        return torch.cat((rows[:, 0], rows[:, 1])).to(run.device)
+    with torch.no_grad(), lora.disabled(run.m), train.autocast(run.device):
+        return logps(run.m, b).float()
 
 
-def dpo_step(s, micro, table=None):
+def dpo_step(run, micro, table=None):
     """One optimiser step on the preference micro-batches; the loss is averaged over the step's pairs."""
-    n_pairs = train.all_sum(torch.tensor(float(sum(len(b["keys"]) for b in micro)), device=s.device))
-    stats = torch.zeros(5, device=s.device)  # loss, chosen reward, rejected reward, correct, pairs
+    n_pairs = train.all_sum(torch.tensor(float(sum(len(b["keys"]) for b in micro)), device=run.device))
+    stats = torch.zeros(5, device=run.device)  # loss, chosen reward, rejected reward, correct, pairs
     for k, b in enumerate(micro):
-        if train.empty(b, s.world):
+        if train.empty(b, run.world):
             continue
-        ref = reference(s, b, table)
-        with train.sync_grads(s.wrapped, k == len(micro) - 1), train.autocast(s.device):
-            policy = logps(s.wrapped, b).float()
+        ref = reference(run, b, table)
+        with train.sync_grads(run.wrapped, k == len(micro) - 1), train.autocast(run.device):
+            policy = logps(run.wrapped, b).float()
         B = len(policy) // 2
         ratio = policy - ref
         h = ratio[:B] - ratio[B:]
-        losses = dpo_loss(h, s.args)
-        (losses.sum() * s.world / n_pairs.clamp(min=1)).backward()
-        r = s.args.beta * ratio.detach()
+        losses = dpo_loss(h, run.args)
+        (losses.sum() * run.world / n_pairs.clamp(min=1)).backward()
+        r = run.args.beta * ratio.detach()
         stats += torch.stack([losses.detach().sum(), r[:B].sum(), r[B:].sum(), (h > 0).float().sum(),
-                              torch.tensor(float(B), device=s.device)])
+                              torch.tensor(float(B), device=run.device)])
     loss, chosen, rejected, correct, pairs = (train.all_sum(stats) / n_pairs.clamp(min=1)).tolist()
-    return {"loss": loss, "grad_norm": train.optimizer_step(s, torch.tensor(loss)), "reward_chosen": chosen,
+    return {"loss": loss, "grad_norm": train.optimizer_step(run, torch.tensor(loss)), "reward_chosen": chosen,
             "reward_rejected": rejected, "margin": chosen - rejected, "accuracy": correct, "pairs": int(n_pairs)}
 
 # -----------------------------------------------------------------------------
@@ -103,39 +103,39 @@ def dpo_step(s, micro, table=None):
 
 
 @torch.no_grad()
-def precompute(s, sources):
+def precompute(run, sources):
     """{source index: (len, 2) reference log-likelihoods of (chosen, rejected)}, NaN for unusable pairs.
 
     Each rank scores a share of the pairs; the shares are summed across ranks; the result is cached in the
     run directory, so a resumed run does not score again.
     """
-    path = s.run_dir / "ref_logps.safetensors"
+    path = run.run_dir / "ref_logps.safetensors"
     if path.is_file():
         cached = load_file(path)
         return {int(k): v for k, v in cached.items()}
-    encoder = data.Encoder(s.m.tokenizer, s.m.config, s.args.max_len)
+    encoder = data.Encoder(run.m.tokenizer, run.m.config, run.args.max_len)
     table = {}
     for si, (src, _) in enumerate(sources):
-        out = torch.zeros(len(src), 3, device=s.device)  # chosen, rejected, usable
-        mine = list(range(s.rank, len(src), s.world))
-        for start in range(0, len(mine), s.args.batch_size):
+        out = torch.zeros(len(src), 3, device=run.device)  # chosen, rejected, usable
+        mine = list(range(run.rank, len(src), run.world))
+        for start in range(0, len(mine), run.args.batch_size):
             samples, idx = [], []
-            for i in mine[start: start + s.args.batch_size]:
+            for i in mine[start: start + run.args.batch_size]:
                 try:
                     samples.append(encoder(src.record(i)))
                     idx.append(i)
                 except data.BadSample:
                     pass  # counted when training meets it
             if samples:
-                b = data.collate(samples, s.m.tokenizer.pad_id) | {"keys": idx}
-                ref = reference(s, b, None)
+                b = data.collate(samples, run.m.tokenizer.pad_id) | {"keys": idx}
+                ref = reference(run, b, None)
                 out[idx] = torch.stack((ref[: len(idx)], ref[len(idx):], torch.ones_like(ref[: len(idx)])), 1)
         out = train.all_sum(out)
         table[si] = torch.where(out[:, 2:] > 0, out[:, :2], torch.full_like(out[:, :2], float("nan"))).cpu()
-    if s.rank == 0:
-        s.run_dir.mkdir(parents=True, exist_ok=True)
+    if run.rank == 0:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
         save_file({str(k): v.contiguous() for k, v in table.items()}, path)
-    train.barrier()
+    checkpoint.barrier()
     return table
 
 
@@ -143,15 +143,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.init is None:
         raise SystemExit("dpo.py: --init is required: DPO starts from an instruction-tuned model (e.g. out/interleave)")
-    s = train.Session(train.finish_args(args))
-    sources = s.sources()
-    for src, _ in sources:
+    run = train.Run(train.finish_args(args), script="dpo.py")
+    for src, _ in run.sources:
         if hasattr(src, "counts"):
             train.print0(f"{src.name}: {dict(src.counts)}")
-    table = precompute(s, sources) if args.precompute_ref else None
-    train.run(s, sources, lambda s, micro: dpo_step(s, micro, table))
-    s.close()
-    return s
+    table = precompute(run, run.sources) if args.precompute_ref else None
+    train.train(run, lambda run, micro: dpo_step(run, micro, table))
+    run.close()
+    return run
 
 
 if __name__ == "__main__":

@@ -81,6 +81,14 @@ def lora_modules(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+def settings(model):
+    """The apply_lora arguments that wrapped `model` (targets, r, alpha, dropout), to wrap a copy of it alike."""
+    mods = lora_modules(model)
+    first = mods[0][1]
+    return dict(targets=tuple(sorted({n.rpartition(".")[2] for n, _ in mods})), r=first.r,
+                alpha=first.scale * first.r, dropout=first.dropout)
+
+
 def mark_only_lora_trainable(model):
     """Freeze everything but the adapters; returns (trainable, total) parameter counts."""
     for n, p in model.named_parameters():

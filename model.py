@@ -1,49 +1,47 @@
 """
 xGen-MM (BLIP-3): a frozen SigLIP ViT, a Perceiver Resampler and Phi-3, with images spliced into text.
 
-- Any-resolution encoding, as released: each image is fitted to the best grid of 384-pixel crops (five
-  grids from config.json), every crop and a squashed global view go through the ViT, the crop features
-  are stitched into one map whose padded rows (or columns) are masked, and the map is cut into groups of
-  729 tokens that the resampler turns into 128 tokens each: 384, 512 or 640 tokens per image.
-- Two quirks of the release are reproduced because its weights were trained with them: small and square
-  images tie on every grid, so "1 wide x 2 tall" wins; and the groups are bands of the whole stitched map
-  in raster order, not one crop each, whenever the grid is more than one crop wide.
+- Any-resolution encoding, as released (images.py cuts the views): every crop and a squashed global view go
+  through the ViT, the crop features are stitched into one map whose padded rows (or columns) are masked,
+  and the map is cut into groups of 729 features that the resampler turns into 128 tokens each: 384, 512
+  or 640 tokens per image.
+- quirk, kept because the released resampler was trained with it: the groups are bands of the whole
+  stitched map in raster order, not one crop each, whenever the grid is more than one crop wide.
 - The paper's two ablation strategies are here too, chosen by config: fixed resolution (one view, padded
-  to a square, 128 tokens) and any-resolution with fixed sampling (all unpadded tokens resampled once).
-- Interleaved text: each `<image>` token is replaced, in order, by its image's block of vision tokens;
-  labels there are -100. Any number of images per sample, any number of crops per image.
+  to a square, 128 tokens) and any-resolution with fixed sampling (all unpadded features resampled once).
+- Splicing by expansion: each `<image>` in the ids is first repeated as often as its image has vision tokens
+  (`XGenMMConfig.expand_images`, which data.py and `generate` call while the ids are still lists), so the
+  splice is one masked scatter of the vision tokens into the text embeddings, with no per-row loop; labels
+  there are -100. Any number of images per sample, any number of crops per image.
 - The three tokens xGen-MM adds (`<image>`, `<image placeholder>`, `<|endofchunk|>`) have their own small
   embedding and output tables in the official checkpoint ("decoupled embeddings"); they are folded into
   rows of the main tables on load (same results) and split out again on save.
-- Generation reuses phi3.py's batched decode loop (left padding, static KV cache, greedy / top-k / top-p).
+- Generation is generate.py's loop over the spliced embeddings (left padding, static KV cache).
 
 References: xGen-MM / BLIP-3 (arXiv 2408.08872); salesforce/LAVIS branch xgen-mm and the Hub release
-Salesforce/xgen-mm-phi3-mini-instruct-r-v1.5 (modeling_xgenmm.py, image_processing_blip_3.py); LLaVA-NeXT
-any-resolution (select_best_resolution, resize_and_pad_image, unpad_image); OpenFlamingo.
+Salesforce/xgen-mm-phi3-mini-instruct-r-v1.5 (modeling_xgenmm.py); LLaVA-NeXT any-resolution (unpad_image);
+OpenFlamingo; docs/release.md (the facts this file implements).
 """
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
+import generate as decoding
 import phi3
 import resampler
 import vit
 import weights
-from tokenizer import Tokenizer
+from images import Images, group_features, pad_groups, select_grid
+from tokenizer import XGENMM_TOKENS, Tokenizer, extend_tokenizer, extended_tokenizer
 
 SIGLIP_SO400M = "google/siglip-so400m-patch14-384"
-XGENMM_TOKENS = ("<image>", "<image placeholder>", "<|endofchunk|>")  # added in this order by the official factory
 GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))  # (cols, rows): the release's anyres_grids, in crops
 STRATEGIES = ("anyres", "anyres-fixed", "fixed")
-DEFAULT_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 # -----------------------------------------------------------------------------
 # config
@@ -77,12 +75,31 @@ class XGenMMConfig:
         return self.initial_tokenizer_len
 
     def image_tokens(self, size):
-        """How many vision tokens an image of size (W, H) becomes: what a data pipeline budgets for."""
+        """How many vision tokens an image of size (W, H) becomes: 128 per group the resampler reads."""
         L = self.resampler.num_latents
         if self.strategy != "anyres":
             return L
         w, h = select_grid(size, self.grids)
         return (1 + (w // self.vision.image_size) * (h // self.vision.image_size)) * L
+
+    def expand_images(self, ids, sizes, labels=None):
+        """Ids with one `<image>` per image -> each marker repeated as often as its image has vision tokens (the
+        places XGenMM.embed fills with them, in order); `labels`, when given, get -100 there and come back too.
+
+        `sizes`: (W, H) of each image, in the order of the markers. A count mismatch is a ValueError.
+        """
+        marks = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if len(marks) != len(sizes):
+            raise ValueError(f"{len(marks)} <image> marker(s) in the text but {len(sizes)} image(s); put exactly "
+                             "one <image> token where each image goes")
+        out, lab, start = [], [], 0
+        for m, size in zip(marks + [len(ids)], [*sizes, None]):
+            out += ids[start:m]
+            lab += [] if labels is None else labels[start:m]
+            if size is not None:
+                n = self.image_tokens(size)
+                out, lab, start = out + [self.image_token_id] * n, lab + [-100] * n, m + 1
+        return out if labels is None else (out, lab)
 
     @classmethod
     def from_strategy(cls, strategy, **kw):
@@ -155,157 +172,6 @@ def preset(name, strategy="anyres", tokenizer=None):
                                       initial_tokenizer_len=initial)
 
 # -----------------------------------------------------------------------------
-# image preprocessing (PIL in, normalized views out)
-
-
-def select_grid(size, grids):
-    """LLaVA-NeXT's select_best_resolution: the (w, h) keeping the most pixels, ties -> least padding, then first.
-
-    quirk (kept for parity): an image smaller than every grid keeps all its pixels on each, so the first
-    grid with the least waste wins: 384x384 -> (384, 768), one crop wide and two tall.
-    """
-    W, H = size
-    best, best_eff, best_waste = None, -1, math.inf
-    for w, h in grids:
-        s = min(w / W, h / H)
-        eff = min(int(W * s) * int(H * s), W * H)
-        waste = w * h - eff
-        if eff > best_eff or (eff == best_eff and waste < best_waste):
-            best, best_eff, best_waste = (w, h), eff, waste
-    return best
-
-
-def resize_and_pad(img, target, resample=Image.Resampling.BICUBIC):
-    """Fit `img` into target (w, h) keeping its aspect (sides rounded up, capped), centred on black."""
-    (W, H), (w, h) = img.size, target
-    scale_w, scale_h = w / W, h / H  # the scale first, then the product, as the reference rounds
-    if scale_w < scale_h:
-        size = (w, min(math.ceil(H * scale_w), h))
-    else:
-        size = (min(math.ceil(W * scale_h), w), h)
-    canvas = Image.new("RGB", target, (0, 0, 0))
-    canvas.paste(img.resize(size, resample), ((w - size[0]) // 2, (h - size[1]) // 2))
-    return canvas
-
-
-def pad_to_square(img, colour=(127, 127, 127)):
-    """LLaVA's expand2square: centre on a square of the mean colour (int(0.5 * 255) per channel)."""
-    W, H = img.size
-    canvas = Image.new("RGB", (max(W, H),) * 2, colour)
-    canvas.paste(img, ((max(W, H) - W) // 2, (max(W, H) - H) // 2))
-    return canvas
-
-
-def to_pixels(img, S, resample=Image.Resampling.BICUBIC):
-    """A PIL view -> (3, S, S) float: bicubic resize to S (a no-op for crops), [0, 1], mean 0.5, std 0.5."""
-    if img.size != (S, S):
-        img = img.resize((S, S), resample)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255.0
-    return (x - 0.5) / 0.5
-
-
-def preprocess(img, config, resample=Image.Resampling.BICUBIC, fill=(127, 127, 127)):
-    """One image -> (views (V, 3, S, S), original size (W, H), grid (cols, rows)); V = 1 + cols * rows.
-
-    anyres: the global view (the whole image squashed to S x S) first, then the crops row by row.
-    fixed: one view, padded to a square; the grid is (0, 0). (`resample` and the square's `fill` let a
-    label map follow the same geometry pixel for pixel, as toyvision.py's dense labels do.)
-    """
-    img, S = img.convert("RGB"), config.vision.image_size
-    if config.strategy == "fixed":
-        return to_pixels(pad_to_square(img, fill), S, resample)[None], img.size, (0, 0)
-    w, h = select_grid(img.size, config.grids)
-    canvas = resize_and_pad(img, (w, h), resample)
-    crops = [canvas.crop((x, y, x + S, y + S)) for y in range(0, h, S) for x in range(0, w, S)]
-    views = [to_pixels(v, S, resample) for v in [img.resize((S, S), resample)] + crops]
-    return torch.stack(views), img.size, (w // S, h // S)
-
-
-def load_image(path):
-    """An image file as RGB, with the file named in the error if it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read the image ({e})") from None
-
-
-@dataclass
-class Images:
-    """Every image of a batch, preprocessed: the views of all images in one tensor, and how to cut it."""
-    pixel_values: torch.Tensor  # (V, 3, S, S): all views of all images, image by image
-    sizes: list                 # (W, H) original size per image
-    grids: list                 # (cols, rows) crops per image; (0, 0) for fixed resolution
-    counts: list                # images per sample, in order
-
-    @classmethod
-    def collate(cls, samples):
-        """samples: per sample, a list of `preprocess` outputs -> one Images (DataLoader collate_fn helper)."""
-        flat = [im for s in samples for im in s]
-        S = flat[0][0].shape[-1] if flat else 1
-        pixels = torch.cat([v for v, _, _ in flat]) if flat else torch.zeros(0, 3, S, S)
-        return cls(pixels, [s for _, s, _ in flat], [g for _, _, g in flat], [len(s) for s in samples])
-
-    @classmethod
-    def from_pil(cls, samples, config):
-        return cls.collate([[preprocess(im, config) for im in s] for s in samples])
-
-    def to(self, device, dtype=None):
-        return replace(self, pixel_values=self.pixel_values.to(device, dtype, non_blocking=True))
-
-
-def unpad_mask(size, map_w, map_h):
-    """(map_h, map_w) bool, False on the stitched feature rows (or columns) that fell on the black padding.
-
-    LLaVA-NeXT's unpad_image: the scale is computed first, then the product (`int(H * (Wf / W))`, not
-    `int(H * Wf / W)`, which differs on some sizes); the padding is split evenly, rounded down.
-    """
-    W, H = size
-    keep = torch.ones(map_h, map_w, dtype=torch.bool)
-    if W / H > map_w / map_h:
-        pad = (map_h - int(H * (map_w / W))) // 2
-        keep[:pad], keep[map_h - pad:] = False, False
-    else:
-        pad = (map_w - int(W * (map_h / H))) // 2
-        keep[:, :pad], keep[:, map_w - pad:] = False, False
-    return keep
-
-
-def pad_groups(groups, masks):
-    """Groups (N_g, D) with masks (N_g,) or None (= all real) -> (G, N, D) and a (G, N) mask or None."""
-    N = max(g.shape[0] for g in groups)
-    if all(g.shape[0] == N for g in groups):
-        if all(m is None for m in masks):
-            return torch.stack(groups), None
-        return torch.stack(groups), torch.stack([torch.ones(N, dtype=torch.bool, device=g.device) if m is None
-                                                 else m for g, m in zip(groups, masks)])
-    x = groups[0].new_zeros(len(groups), N, groups[0].shape[-1])
-    mask = torch.zeros(len(groups), N, dtype=torch.bool, device=x.device)
-    for i, (g, m) in enumerate(zip(groups, masks)):
-        x[i, : len(g)] = g
-        mask[i, : len(g)] = True if m is None else m
-    return x, mask
-
-
-def pad_rows(rows, side, value):
-    """Sequences (T_i, ...) -> (B, T, ...) padded with `value` on `side`, and the (B, T) 0/1 mask."""
-    T = max(len(r) for r in rows)
-    out = rows[0].new_full((len(rows), T, *rows[0].shape[1:]), value)
-    mask = torch.zeros(len(rows), T, dtype=torch.long, device=out.device)
-    for i, r in enumerate(rows):
-        span = slice(T - len(r), T) if side == "left" else slice(0, len(r))
-        out[i, span], mask[i, span] = r, 1
-    return out, mask
-
-
-def chat_prompt(turns, system=DEFAULT_SYSTEM):
-    """Phi-3's chat format for turns [user, assistant, user, ...], ending where the next answer starts."""
-    out = f"<|system|>\n{system}<|end|>\n" if system else ""
-    for i, text in enumerate(turns):
-        out += f"<|{'user' if i % 2 == 0 else 'assistant'}|>\n{text}<|end|>\n"
-    return out + "<|assistant|>\n"
-
-# -----------------------------------------------------------------------------
 # the model
 
 
@@ -320,6 +186,17 @@ class XGenMM(nn.Module):
         self.tokenizer = None  # set by the loaders when the checkpoint has tokenizer files
         self.vit_batch = 32    # views per ViT call: bounds activation memory for many-image batches
 
+    @classmethod
+    def from_tokenizer(cls, tokenizer, size="tiny", strategy="anyres"):
+        """A new model to train from scratch, of preset `size`, its vocabulary sized to `tokenizer` (a tokenizer
+        directory, or a Tokenizer already extended by `extend_tokenizer`): the toy world's models start here."""
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else extended_tokenizer(tokenizer)
+        m = cls(preset(size, strategy, tok))
+        m.lang_model.init_weights()
+        m.vision_encoder.init_weights()
+        m.tokenizer = tok
+        return m
+
     # ---- images -> vision tokens -----------------------------------------------
 
     def encode_images(self, images, instructions=None):
@@ -332,7 +209,7 @@ class XGenMM(nn.Module):
         feats = self.vit_features(images.pixel_values)  # (V, P, D)
         groups, masks, per_image, v = [], [], [], 0
         for size, (cols, rows) in zip(images.sizes, images.grids):
-            g, m = self.group_features(feats[v: v + 1 + cols * rows], size, (cols, rows))
+            g, m = group_features(feats[v: v + 1 + cols * rows], size, (cols, rows), self.config.anyres_patch_sampling)
             groups, masks, v = groups + g, masks + m, v + 1 + cols * rows
             per_image.append(len(g))
         if v != len(feats):
@@ -346,16 +223,18 @@ class XGenMM(nn.Module):
         tokens = self.vision_tokenizer(*pad_groups(groups, masks), **text)  # (G, L, C)
         return [t.flatten(0, 1) for t in tokens.split(per_image)]
 
-    def instructions(self, embeds, ids, limit=64):
-        """Per `<image>` of one row: the embeddings of the text after it up to the end of the user's turn
-        (`<|end|>`), never into an answer; empty when the turn does not end (plain documents)."""
+    def instructions(self, embeds, ids, tokens, limit=64):
+        """Per image of one row (`tokens`: how many positions each fills, in order): the embeddings of the text
+        after its block up to the end of the user's turn (`<|end|>`), never into an answer; empty when the turn
+        does not end (plain documents). Images listed together share the words after the last of them."""
         stops = torch.isin(ids, torch.tensor(self.stop_ids, device=ids.device)).nonzero().flatten().tolist()
-        out = []
-        for m in (ids == self.config.image_token_id).nonzero().flatten().tolist():
-            end = next((s for s in stops if s > m), m + 1)
-            span = ids[m + 1:end]
-            later = (span == self.config.image_token_id).nonzero().flatten().tolist()
-            start = m + 1 + (later[-1] + 1 if later else 0)  # images listed together share the words after the last
+        where = (ids == self.config.image_token_id).nonzero().flatten().tolist()
+        out, k = [], 0
+        for n in tokens:
+            last, k = where[k + n - 1], k + n
+            end = next((s for s in stops if s > last), last + 1)
+            later = [p for p in where if last < p < end]
+            start = (later[-1] if later else last) + 1
             out.append(embeds[start:end][-limit:])
         return out
 
@@ -365,74 +244,51 @@ class XGenMM(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # a frozen ViT keeps no activations
             return torch.cat([self.vision_encoder(c) for c in pixels.split(self.vit_batch)])
 
-    def group_features(self, views, size, grid):
-        """One image's view features (V, P, D) -> the groups the resampler reads and their padding masks."""
-        cols, rows = grid
-        if cols * rows == 0:  # fixed resolution: one view, one group
-            return [views[0]], [None]
-        side, D = math.isqrt(views.shape[1]), views.shape[-1]
-        fmap = views[1:].view(rows, cols, side, side, D).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, D)
-        keep = unpad_mask(size, cols * side, rows * side).to(views.device)
-        if not self.config.anyres_patch_sampling:  # global + every unpadded token, resampled once
-            return [torch.cat((views[0], fmap[keep]))], [None]
-        # quirk (the released resampler was trained this way): groups of side*side tokens in raster order of
-        # the whole stitched map, i.e. horizontal bands across the full width rather than one crop each
-        n = rows * cols
-        return [views[0], *fmap.reshape(n, side * side, D)], [None, *keep.reshape(n, side * side)]
-
     # ---- interleaving -----------------------------------------------------------
 
-    def prepare_inputs(self, input_ids, images=None, attention_mask=None, labels=None, padding_side="right"):
-        """Ids with `<image>` markers + their images -> (embeds (B, T', C), attention_mask or None, labels or None).
+    def image_positions(self, images):
+        """Positions each image fills in the expanded ids: 128 per group (one group for the fixed strategies)."""
+        L = self.config.resampler.num_latents
+        return [L * (1 + c * r) if self.config.strategy == "anyres" else L for c, r in images.grids]
 
-        `input_ids` (B, T) may be padded on either side (`attention_mask` 1 = token). Each `<image>` token is
-        replaced, in order, by its image's block; labels there become -100. Rows are re-padded on
-        `padding_side`; the mask is None when no row is padded (the LM then takes its causal fast path).
-        """
+    def embed(self, input_ids, images=None):
+        """Expanded ids (B, T) -> input embeddings (B, T, C), the vision tokens of `images` scattered, in order,
+        into the positions that hold `<image>` (config.expand_images put one per vision token there)."""
+        is_image = input_ids == self.config.image_token_id
+        counts = images.counts if images is not None else [0] * len(input_ids)
+        tokens = self.image_positions(images) if images is not None else []
+        per_row, k = [], 0
+        for n in counts:
+            per_row.append(tokens[k:k + n])
+            k += n
+        for b, (have, want) in enumerate(zip(is_image.sum(1).tolist(), per_row)):
+            if have != sum(want):
+                raise ValueError(f"sample {b}: {have} <image> position(s) but its {len(want)} image(s) have "
+                                 f"{sum(want)} vision tokens; expand each <image> with config.expand_images (as "
+                                 "data.py and XGenMM.encode_batch do)")
         device = self.lang_model.lm_head.weight.device
         input_ids = input_ids.to(device)
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
-        B = input_ids.shape[0]
-        counts = images.counts if images is not None else [0] * B
-        if len(counts) != B:
-            raise ValueError(f"{B} token rows but images for {len(counts)} samples")
-        is_image = (input_ids == self.config.image_token_id) & mask
-        for b, (n, k) in enumerate(zip(is_image.sum(1).tolist(), counts)):
-            if n != k:
-                raise ValueError(f"sample {b}: {n} <image> marker(s) in the text but {k} image(s); put exactly one "
-                                 "<image> token where each image goes")
         embeds = self.lang_model.model.embed_tokens(input_ids)
+        if not tokens:
+            return embeds
         instructions = None
-        if images is not None and self.config.resampler.instruction_dim:
-            instructions = [t for b in range(B) for t in self.instructions(embeds[b][mask[b]], input_ids[b][mask[b]])]
-        blocks = iter(self.encode_images(images, instructions) if images is not None else [])
-        rows_e, rows_l = [], []
-        for b in range(B):
-            e, ids = embeds[b][mask[b]], input_ids[b][mask[b]]
-            lab = labels[b].to(device)[mask[b]] if labels is not None else None
-            pieces_e, pieces_l, start = [], [], 0
-            for m in (ids == self.config.image_token_id).nonzero().flatten().tolist():
-                block = next(blocks).to(e.dtype)
-                pieces_e += [e[start:m], block]
-                if lab is not None:
-                    pieces_l += [lab[start:m], lab.new_full((len(block),), -100)]
-                start = m + 1
-            rows_e.append(torch.cat(pieces_e + [e[start:]]))
-            if lab is not None:
-                rows_l.append(torch.cat(pieces_l + [lab[start:]]))
-        embeds, mask = pad_rows(rows_e, padding_side, 0.0)
-        labels = pad_rows(rows_l, padding_side, -100)[0] if labels is not None else None
-        return embeds, (None if bool(mask.all()) else mask), labels
+        if self.config.resampler.instruction_dim:
+            instructions = [t for b, n in enumerate(per_row) for t in self.instructions(embeds[b], input_ids[b], n)]
+        vision = torch.cat(self.encode_images(images, instructions))  # (all image positions, C), in order
+        return embeds.masked_scatter(is_image.to(device)[..., None], vision.to(embeds.dtype))
 
-    def forward(self, input_ids, images=None, attention_mask=None, labels=None, reduction="mean", return_logits=True):
-        """Logits (B, T', V) of the spliced sequence; with `labels` (aligned with input_ids) also the loss.
+    def forward(self, input_ids, images=None, attention_mask=None, labels=None, reduction="mean"):
+        """Logits (B, T, V) of expanded ids (B, T) with their images spliced in; with `labels`, the loss instead.
 
-        T' counts each image's block instead of its `<image>` token. `reduction` and `return_logits` are
-        Phi3.forward's ("sum" for a trainer that normalises over a whole step; False for the fused loss).
+        `attention_mask` (B, T): 1 = token, 0 = padding, either side. `reduction` is Phi3.forward's: "mean",
+        "sum" (a trainer that normalises over a whole step) or "sequence" (per row, for DPO).
         """
-        embeds, mask, labels = self.prepare_inputs(input_ids, images, attention_mask, labels)
-        return self.lang_model(embeds=embeds, attention_mask=mask, labels=labels, reduction=reduction,
-                               return_logits=return_logits)
+        embeds = self.embed(input_ids, images)
+        mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.to(embeds.device)
+        if labels is not None:  # never a loss on a vision token, whatever the caller's labels say
+            labels = labels.masked_fill(input_ids.to(labels.device) == self.config.image_token_id, -100)
+            labels = labels.to(embeds.device)
+        return self.lang_model(embeds=embeds, attention_mask=mask, labels=labels, reduction=reduction)
 
     # ---- generation -------------------------------------------------------------
 
@@ -444,25 +300,40 @@ class XGenMM(nn.Module):
             ids = ids + [self.tokenizer.token_to_id("<|end|>")]
         return list(dict.fromkeys(ids))
 
+    def encode_batch(self, prompts, images=None, padding_side="right"):
+        """Prompts (strings, or id lists with one `<image>` per image) and their images (an `Images`, or per
+        prompt a list of PIL images) -> (expanded ids (B, T), attention_mask (B, T), Images or None)."""
+        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        if images is not None and not isinstance(images, Images):
+            images = Images.from_pil(images, self.config)
+        sizes = iter(images.sizes if images is not None else [])
+        counts = images.counts if images is not None else [0] * len(prompts)
+        if len(counts) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but images for {len(counts)}")
+        rows = []
+        for b, (ids, n) in enumerate(zip(prompts, counts)):
+            try:
+                rows.append(self.config.expand_images(ids, [next(sizes) for _ in range(n)]))
+            except ValueError as e:
+                raise ValueError(f"sample {b}: {e}") from None
+        ids, mask = (decoding.left_pad(rows, self.config.text.pad_token_id) if padding_side == "left" else
+                     decoding.pad_batch(rows, self.config.text.pad_token_id))
+        return ids, mask, images
+
     @torch.no_grad()
     def generate(self, prompts, images=None, max_new_tokens=128, **options):
         """New tokens (B, n) for a batch of prompts, each with its own images; rows are padded after they stop.
 
-        `prompts`: id lists (or strings, encoded with the tokenizer) with one `<image>` per image; `images`:
-        an `Images`, or per prompt a list of PIL images. `options` are Phi3.decode_loop's: temperature,
-        top_k, top_p, stop_ids (default `stop_ids`), pad_id, generator, callback (sees each step's tokens),
-        compile. Batched results equal one-by-one results.
+        `prompts`: strings or id lists, with one `<image>` per image; `images`: an `Images`, or per prompt a
+        list of PIL images. `options` are generate.decode's: temperature, top_k, top_p, stop_ids (default
+        `stop_ids`), pad_id, generator, callback (sees each step's tokens), compile. Batched results equal
+        one-by-one results.
         """
-        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
-        if images is not None and not isinstance(images, Images):
-            images = Images.from_pil(images, self.config)
-        pad = self.config.text.pad_token_id
-        ids, mask = phi3.left_pad(prompts, pad)
-        embeds, mask, _ = self.prepare_inputs(ids, images, mask, padding_side="left")
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask
+        ids, mask, images = self.encode_batch(prompts, images, padding_side="left")
+        embeds = self.embed(ids, images)
         options.setdefault("stop_ids", self.stop_ids)
-        options.setdefault("pad_id", pad)
-        return self.lang_model.decode_loop(embeds, mask, max_new_tokens, **options)
+        options.setdefault("pad_id", self.config.text.pad_token_id)
+        return decoding.decode(self.lang_model, embeds, mask.to(embeds.device), max_new_tokens, **options)
 
     # ---- checkpoints --------------------------------------------------------------
 
@@ -489,14 +360,10 @@ class XGenMM(nn.Module):
         if config.text.output_vocab_size > config.text.vocab_size:
             raise weights.CheckpointError(f"{path}: initial_tokenizer_len + decoupled rows = "
                                           f"{config.text.output_vocab_size} > vocab_size {config.text.vocab_size}")
-        with torch.device("meta"):
-            model = cls(config)
-        state = convert_checkpoint(ckpt, model)
-        ckpt.finish()
-        weights.assign(model, state, weights.resolve_dtype(dtype), device)
+        model = weights.load_model(ckpt, lambda: cls(config), convert_checkpoint, dtype, device)
         if (path / "tokenizer.model").is_file():
             model.tokenizer = load_tokenizer(path, config)
-        return model.eval()
+        return model
 
     @classmethod
     def from_components(cls, siglip_path, phi3_path, strategy="anyres", grids=None, resampler_config=None,
@@ -512,7 +379,7 @@ class XGenMM(nn.Module):
         lm = phi3.Phi3.from_pretrained(phi3_path, dtype, device)
         tok = Tokenizer.from_pretrained(weights.resolve_dir(phi3_path))
         initial = extend_tokenizer(tok)
-        add_token_rows(lm, initial, len(tok))
+        phi3.add_token_rows(lm, initial, len(tok))
         lm.config.pad_token_id = tok.pad_id
         rcfg = resampler_config or resampler.ResamplerConfig(dim=tower.config.hidden_size,
                                                              dim_inner=lm.config.hidden_size)
@@ -583,18 +450,6 @@ def convert_checkpoint(ckpt, model):
     return state | {"lang_model." + k: v for k, v in lm.items()}
 
 
-def extend_tokenizer(tok):
-    """Add xGen-MM's tokens as the official factory does; returns the length before the three (initial_tokenizer_len).
-
-    `<pad>` first when the tokenizer pads with its eos (Phi-3 does), then `<image>`, `<image placeholder>`,
-    `<|endofchunk|>`. Tokens already present keep their ids.
-    """
-    if tok.pad_id is None or tok.pad_id == tok.eos_id:
-        tok.add_tokens(["<pad>"])
-        tok.names["pad"] = "<pad>"
-    return tok.add_tokens(list(XGENMM_TOKENS))[0]
-
-
 def load_tokenizer(path, config):
     tok = Tokenizer.from_pretrained(path)
     extend_tokenizer(tok)
@@ -604,25 +459,3 @@ def load_tokenizer(path, config):
         raise weights.CheckpointError(f"{path}: the tokenizer gives {list(XGENMM_TOKENS)} the ids {ids} and has "
                                       f"{len(tok)} tokens; the checkpoint's rows for them are {want}")
     return tok
-
-
-@torch.no_grad()
-def add_token_rows(lm, first, n_out):
-    """Make room in a Phi-3 for the ids first..n_out-1: rows = mean of the rows before, zero bias, n_out logits."""
-    cfg, C = lm.config, lm.config.hidden_size
-    if n_out > cfg.vocab_size:  # grow both tables, to a multiple of 64 as Phi-3's are
-        V, old = -(-n_out // 64) * 64, cfg.vocab_size
-        w = lm.model.embed_tokens.weight
-        emb, head = nn.Embedding(V, C, device=w.device, dtype=w.dtype), nn.Linear(C, V, lm.lm_head.bias is not None,
-                                                                                 device=w.device, dtype=w.dtype)
-        emb.weight[:old], head.weight[:old] = w, lm.lm_head.weight
-        if head.bias is not None:
-            head.bias[:old] = lm.lm_head.bias
-        lm.model.embed_tokens, lm.lm_head, cfg.vocab_size = emb, head, V
-    for w in (lm.model.embed_tokens.weight, lm.lm_head.weight):
-        w[first:n_out] = w[:first].mean(0)
-    if lm.lm_head.bias is None:
-        lm.lm_head.bias = nn.Parameter(torch.zeros_like(lm.lm_head.weight[:, 0]))
-    else:
-        lm.lm_head.bias[first:n_out] = 0
-    cfg.lm_head_bias, cfg.output_vocab_size = True, n_out

@@ -1,5 +1,5 @@
 """
-Phi-3-mini, the language model of xGen-MM: training forward, KV-cached batched generation, loading.
+Phi-3-mini, the language model of xGen-MM: the network, its loss, and its loader.
 
 - A pre-norm decoder: RMSNorm (computed in fp32) -> attention -> residual, RMSNorm -> SiLU-gated MLP
   -> residual. q, k, v come from one fused `qkv_proj` and gate/up from one `gate_up_proj`, exactly as
@@ -8,11 +8,13 @@ Phi-3-mini, the language model of xGen-MM: training forward, KV-cached batched g
   of each head are the pair, not interleaved even/odd features).
 - Sliding-window attention as Hugging Face applies it: query i sees keys j with i - window < j <= i.
 - The 128k model's LongRoPE ("longrope", formerly "su") is implemented: per-frequency short/long factors,
-  chosen by the current length, plus the attention scaling on cos/sin; the cache is rebuilt when a
-  generation crosses the switch point, as the reference does.
-- One `forward` serves training (ids or input embeddings in, logits and an optional loss out) and decoding
-  (a preallocated KV cache written at `input_pos`; static shapes, so `torch.compile` can take the step).
-- `generate` batches prompts of different lengths with left padding; model.py reuses its decode loop.
+  chosen by the current length, plus the attention scaling on cos/sin (generate.py rebuilds the cache
+  when a generation crosses the switch point, as the reference does).
+- One `forward`, one kind of result per call: logits, or with `labels` the loss (the fused chunked
+  cross-entropy of fused.py, which never builds the (B, T, vocab) logits; or per row, for DPO). The loss
+  is computed inside `forward` because DDP and FSDP2 hook the module's forward.
+- Decoding (the static KV cache, prefill, sampling, left padding) is generate.py's; `forward` only knows
+  that with `input_pos` its queries sit at those slots of a cache. `Phi3.generate` is a thin method over it.
 - The tokenizer lives in tokenizer.py and is re-exported here as `phi3.Tokenizer`.
 
 References: Phi-3 technical report (arXiv 2404.14219); RoFormer (arXiv 2104.09864); LongRoPE (arXiv
@@ -27,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import generate as decoding
 import weights
 from fused import linear_cross_entropy
 from tokenizer import Tokenizer  # noqa: F401  (phi3.Tokenizer: the tokenizer lives in tokenizer.py)
@@ -203,21 +206,6 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values (B, n_kv_heads, max_len, head_dim), written in place at `input_pos`."""
-
-    def __init__(self, batch, n_kv_heads, max_len, head_dim, dtype, device):
-        super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, input_pos, k, v):
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
-
-
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -286,8 +274,6 @@ class Phi3(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.gradient_checkpointing = False
         self._rope = {}
-        self.cache_valid = None   # (B, max_len) bool: which cache slots hold real tokens (not left padding)
-        self.cache_offset = None  # (B,) left-padding length per row: position = slot - offset
 
     def rope_freqs(self, device):
         """(inverse frequencies, LongRoPE's long ones or None, cos/sin scale), computed once per device: plain
@@ -309,57 +295,54 @@ class Phi3(nn.Module):
                 nn.init.ones_(m.weight)
         return self
 
-    # ---- forward -------------------------------------------------------------
+    def forward(self, idx=None, labels=None, *, embeds=None, attention_mask=None, position_ids=None,
+                input_pos=None, reduction="mean", last_only=False):
+        """Token ids (B, T) or input embeddings (B, T, C) -> logits (B, T, V); with `labels`, the loss instead.
 
-    def forward(self, idx=None, labels=None, *, embeds=None, attention_mask=None, input_pos=None,
-                last_only=False, reduction="mean", return_logits=True):
-        """Logits (B, T, V) for token ids (B, T) or input embeddings (B, T, C); with `labels` also the loss.
-
-        Training / scoring (no cache): `attention_mask` (B, T), 1 = token, 0 = padding, allows padded
-        batches on either side (positions then count real tokens only). `labels` are aligned with the
-        inputs (shifted here); -100 is ignored; `reduction` "sum" lets a caller normalise over a whole
-        optimiser step; `return_logits=False` returns (None, loss) from the fused chunked loss, which never
-        builds the (B, T, V) logits. Decoding: after `setup_cache`, `input_pos` (T,) are the slots written.
-        `reduction="sequence"` returns (None, (B,) summed loss per row), from the logits of the supervised
-        positions only: the log-likelihood of each response, which DPO compares.
+        `attention_mask` (B, T), 1 = token, 0 = padding, allows padded batches on either side (positions
+        then count real tokens only). `labels` are aligned with the inputs (shifted here), -100 is ignored;
+        `reduction` "mean" or "sum" (a trainer normalising over a whole optimiser step) gives the fused
+        loss, "sequence" the (B,) summed loss per row (the log-likelihood of each response, which DPO
+        compares). `last_only` gives the logits of the last position only. Decoding (generate.py): after
+        `generate.setup_cache`, the queries sit at the cache slots `input_pos` (T,); `attention_mask`
+        (B, slots) then marks the slots that hold each row's tokens, `position_ids` (B, T) their positions.
         """
         x = self.model.embed_tokens(idx) if embeds is None else embeds
         B, T, _ = x.shape
-        cfg = self.config
-        if input_pos is not None:  # cached decoding: attend over every slot of the static cache
-            if self.cache_valid is None:
-                raise RuntimeError("forward with input_pos needs a KV cache: call setup_cache(batch, max_len) first")
-            slots = torch.arange(self.cache_valid.shape[1], device=x.device)
-            mask = make_mask(input_pos, slots, self.cache_valid, cfg.sliding_window)
-            pos = (input_pos[None, :] - self.cache_offset[:, None]).clamp(min=0)
-        elif attention_mask is not None:
-            slots = torch.arange(T, device=x.device)
-            mask = make_mask(slots, slots, attention_mask.bool(), cfg.sliding_window)
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        else:
-            # causal only; the window binds only once T > window (then an explicit mask is needed)
-            slots = torch.arange(T, device=x.device)
-            binding = cfg.sliding_window is not None and T > cfg.sliding_window
-            mask = make_mask(slots, slots, None, cfg.sliding_window) if binding else None
-            pos = slots[None, :].expand(B, T)
-        cos, sin = rope_cos_sin(cfg, pos, x.dtype, *self.rope_freqs(x.device))
-        if self.training and cfg.embd_pdrop > 0:
-            x = F.dropout(x, cfg.embd_pdrop, True)
+        mask, pos = self.attention_layout(B, T, x.device, attention_mask, position_ids, input_pos)
+        cos, sin = rope_cos_sin(self.config, pos, x.dtype, *self.rope_freqs(x.device))
+        if self.training and self.config.embd_pdrop > 0:
+            x = F.dropout(x, self.config.embd_pdrop, True)
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, input_pos, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, input_pos)
-        x = self.model.norm(x[:, -1:] if last_only else x)
-        if labels is not None and reduction == "sequence":
-            return None, sequence_nll(x, *self.head_weights(), shift_labels(labels))
-        if labels is not None and not return_logits:
-            w, b = self.head_weights()
-            return None, linear_cross_entropy(x, w, b, shift_labels(labels), reduction)
-        logits = self.logits(x)
         if labels is None:
-            return logits
-        return logits, lm_loss(logits, labels, reduction)
+            return self.logits(self.model.norm(x[:, -1:] if last_only else x))
+        x, targets = self.model.norm(x), shift_labels(labels)
+        if reduction == "sequence":
+            return sequence_nll(x, *self.head_weights(), targets)
+        return linear_cross_entropy(x, *self.head_weights(), targets, reduction)
+
+    def attention_layout(self, B, T, device, attention_mask, position_ids, input_pos):
+        """(boolean mask (B or 1, 1, T, keys) or None for plain causal, positions (B, T)) for a forward call."""
+        window = self.config.sliding_window
+        if input_pos is not None:  # cached decoding: attend over every slot of the static cache
+            cache = self.model.layers[0].self_attn.kv_cache
+            if cache is None:
+                raise RuntimeError("forward with input_pos needs a KV cache: call setup_cache (generate.py) first")
+            slots = torch.arange(cache.k.shape[2], device=device)
+            valid = None if attention_mask is None else attention_mask.bool()
+            pos = input_pos[None, :].expand(B, T) if position_ids is None else position_ids
+            return make_mask(input_pos, slots, valid, window), pos
+        slots = torch.arange(T, device=device)
+        if attention_mask is not None:  # padded rows: real tokens count their positions from 0
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if position_ids is None else position_ids
+            return make_mask(slots, slots, attention_mask.bool(), window), pos
+        pos = slots[None, :].expand(B, T) if position_ids is None else position_ids
+        binding = window is not None and T > window  # the window binds only once T > window: then a mask
+        return (make_mask(slots, slots, None, window) if binding else None), pos
 
     def head_weights(self):
         """lm_head's weight and bias, restricted to the first `output_vocab_size` rows when the config asks."""
@@ -369,114 +352,13 @@ class Phi3(nn.Module):
     def logits(self, x):
         return F.linear(x, *self.head_weights())
 
-    # ---- decoding ------------------------------------------------------------
-
-    def decode_layout(self, enable=True):
-        """Lay out each wide Linear weight column-major (a contiguous transpose viewed back as (out, in)).
-
-        Batch-1 decoding is one matrix-vector product per weight, bound by how fast the weights stream
-        from memory, and the CPU kernels stream fastest along the longer side of the matrix: measured on
-        our 2-core machine, qkv_proj / gate_up_proj / lm_head (out > in) ran at 19-25 GB/s column-major
-        against 13-16 GB/s as stored; down_proj (in > out) is faster as stored, so it stays. Names, shapes
-        and values are unchanged. fp32 only: bf16 products take a slow path on column-major weights on such
-        a CPU (~36x slower per step). Training GEMMs are ~15% slower in this layout, so it is opt-in, for
-        sampling; `decode_layout(False)` restores it (do that before saving: safetensors wants contiguous).
-        """
-        for m in self.modules():
-            if isinstance(m, nn.Linear) and m.out_features > m.in_features:
-                w = m.weight.data
-                m.weight.data = w.t().contiguous().t() if enable else w.contiguous()
-        return self
-
-    def setup_cache(self, batch, max_len, attention_mask=None, dtype=None, device=None):
-        """Allocate the static KV cache; `attention_mask` (B, T0) marks the left padding of the prompt."""
-        p = self.lm_head.weight
-        dtype, device = dtype or p.dtype, device or p.device
-        for block in self.model.layers:
-            block.self_attn.kv_cache = KVCache(batch, self.config.num_key_value_heads, max_len,
-                                               self.config.head_dim, dtype, device)
-        self.cache_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
-        self.cache_offset = torch.zeros(batch, dtype=torch.long, device=device)
-        if attention_mask is not None:
-            am = attention_mask.to(device).bool()
-            self.cache_valid[:, : am.shape[1]] = am
-            self.cache_offset = (~am).sum(1)
-            if not torch.equal(am, torch.arange(am.shape[1], device=device)[None] >= self.cache_offset[:, None]):
-                raise ValueError("generation needs left padding: each attention_mask row must be 0…0 1…1")
-
-    def clear_cache(self):
-        for block in self.model.layers:
-            block.self_attn.kv_cache = None
-        self.cache_valid = self.cache_offset = None
-
-    def decode_step(self, idx, input_pos):
-        """One cached step: ids (B, 1) at slot input_pos (1,) -> logits (B, V). Static shapes (compilable)."""
-        return self.forward(idx, input_pos=input_pos)[:, -1]
-
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, attention_mask=None, **options):
-        """Continue a batch of prompts; returns the new tokens (B, n), n <= max_new_tokens.
+        """Continue a batch of prompts (id lists, or a left-padded tensor and its mask): the new tokens (B, n).
 
-        `idx` is a list of id lists (left-padded here) or a left-padded tensor with its `attention_mask`.
-        `options` are decode_loop's: temperature (0 = greedy), top_k, top_p, stop_ids, pad_id, generator,
+        `options` are generate.decode's: temperature (0 = greedy), top_k, top_p, stop_ids, pad_id, generator,
         callback, compile.
         """
-        if isinstance(idx, (list, tuple)):
-            idx, attention_mask = left_pad(idx, self.config.pad_token_id)
-        idx = idx.to(self.lm_head.weight.device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(idx)
-        return self.decode_loop(self.model.embed_tokens(idx), attention_mask, max_new_tokens, **options)
-
-    @torch.no_grad()
-    def decode_loop(self, embeds, attention_mask, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                    stop_ids=None, pad_id=None, generator=None, callback=None, compile=False):
-        """The decode loop shared with model.py: prefill left-padded `embeds` (B, T, C), then step token by token.
-
-        Greedy when temperature == 0. A row stops after emitting any of `stop_ids` (default: every eos id,
-        config.json's and generation_config.json's) and is filled with `pad_id` afterwards; the loop ends
-        when all rows have stopped. `callback(tokens)` sees each step's (B,) tokens; `compile` runs the
-        static-shape decode step through torch.compile.
-        """
-        cfg = self.config
-        B, T, _ = embeds.shape
-        device = embeds.device
-        stop = torch.tensor(stop_ids if stop_ids is not None else cfg.eos_ids, dtype=torch.long, device=device)
-        pad_id = cfg.pad_token_id if pad_id is None else pad_id
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        max_len = T + max_new_tokens - 1  # the last sampled token is never fed back
-        if max_len > cfg.max_position_embeddings:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                             f"{cfg.max_position_embeddings} positions")
-        if compile:  # the compiled step has static shapes: round the cache up so most calls reuse one graph
-            max_len = min(-(-max_len // 256) * 256, cfg.max_position_embeddings)
-        self.setup_cache(B, max_len, attention_mask, dtype=embeds.dtype)
-        step = torch.compile(self.decode_step, dynamic=False) if compile else self.decode_step
-        try:
-            logits = self.forward(embeds=embeds, input_pos=torch.arange(T, device=device), last_only=True)[:, -1]
-            fed, out, done = [], [], torch.zeros(B, dtype=torch.bool, device=device)
-            for i in range(max_new_tokens):
-                tok = sample(logits, temperature, top_k, top_p, generator)
-                fed.append(tok)  # finished rows keep decoding (static batch); their tokens are hidden below
-                out.append(torch.where(done, torch.full_like(tok, pad_id), tok))
-                if callback is not None:
-                    callback(out[-1])
-                done = done | torch.isin(tok, stop)
-                if bool(done.all()) or i == max_new_tokens - 1:
-                    break
-                pos = T + i
-                if cfg.rope_scaling and pos - int(self.cache_offset.min()) == cfg.original_max_position_embeddings:
-                    # LongRoPE switches to its long factors here: recompute every cached key, as the reference does
-                    all_embeds = torch.cat([embeds, self.model.embed_tokens(torch.stack(fed, 1))], 1)
-                    logits = self.forward(embeds=all_embeds, input_pos=torch.arange(pos + 1, device=device))[:, -1]
-                else:
-                    logits = step(tok[:, None], torch.tensor([pos], device=device))
-            return torch.stack(out, dim=1)
-        finally:
-            self.clear_cache()
-
-    # ---- loading -------------------------------------------------------------
+        return decoding.generate(self, idx, max_new_tokens, attention_mask, **options)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
@@ -486,11 +368,7 @@ class Phi3(nn.Module):
         add_generation_stop_ids(cfg, path)
         ckpt = weights.Checkpoint(path)
         cfg.lm_head_bias = "lm_head.bias" in ckpt
-        with torch.device("meta"):
-            model = cls(cfg)
-        sd = convert_checkpoint(ckpt, "", model)
-        ckpt.finish()
-        return weights.assign(model, sd, weights.resolve_dtype(dtype), device).eval()
+        return weights.load_model(ckpt, lambda: cls(cfg), lambda c, m: convert_checkpoint(c, "", m), dtype, device)
 
 
 def convert_checkpoint(ckpt, prefix, model):
@@ -515,37 +393,23 @@ def sequence_nll(x, weight, bias, targets):
     return torch.zeros(x.shape[0], device=x.device).index_add(0, rows, nll)
 
 
-def lm_loss(logits, labels, reduction="mean"):
-    """Next-token cross-entropy in fp32; -100 is ignored."""
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), shift_labels(labels).reshape(-1),
-                           ignore_index=-100, reduction=reduction)
-
-
-def left_pad(seqs, pad_id):
-    """List of id lists -> (ids (B, T) left-padded, attention_mask (B, T))."""
-    T = max(len(s) for s in seqs)
-    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s) == 0:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-        idx[i, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, T - len(s):] = 1
-    return idx, mask
-
-
-def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """Next token per row from logits (B, V): greedy at temperature 0, else top-k / top-p sampling."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+@torch.no_grad()
+def add_token_rows(lm, first, n_out):
+    """Make room in a Phi-3 for the ids first..n_out-1: rows = mean of the rows before, zero bias, n_out logits."""
+    cfg, C = lm.config, lm.config.hidden_size
+    if n_out > cfg.vocab_size:  # grow both tables, to a multiple of 64 as Phi-3's are
+        V, old = -(-n_out // 64) * 64, cfg.vocab_size
+        w = lm.model.embed_tokens.weight
+        emb, head = nn.Embedding(V, C, device=w.device, dtype=w.dtype), nn.Linear(C, V, lm.lm_head.bias is not None,
+                                                                                 device=w.device, dtype=w.dtype)
+        emb.weight[:old], head.weight[:old] = w, lm.lm_head.weight
+        if head.bias is not None:
+            head.bias[:old] = lm.lm_head.bias
+        lm.model.embed_tokens, lm.lm_head, cfg.vocab_size = emb, head, V
+    for w in (lm.model.embed_tokens.weight, lm.lm_head.weight):
+        w[first:n_out] = w[:first].mean(0)
+    if lm.lm_head.bias is None:
+        lm.lm_head.bias = nn.Parameter(torch.zeros_like(lm.lm_head.weight[:, 0]))
+    else:
+        lm.lm_head.bias[first:n_out] = 0
+    cfg.lm_head_bias, cfg.output_vocab_size = True, n_out

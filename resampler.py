@@ -169,11 +169,8 @@ class PerceiverResampler(nn.Module):
         if prefix + "latents" not in ckpt and "vlm.vision_tokenizer.latents" in ckpt:
             raise weights.CheckpointError(f"{path}: no '{prefix}latents', but an xGen-MM checkpoint's resampler: "
                                           "pass prefix='vlm.vision_tokenizer.'")
-        with torch.device("meta"):
-            model = cls(config)
-        state = convert_checkpoint(ckpt, prefix, config)
-        ckpt.finish(prefix)
-        return weights.assign(model, state, weights.resolve_dtype(dtype), device).eval()
+        return weights.load_model(ckpt, lambda: cls(config), lambda c, _: convert_checkpoint(c, prefix, config),
+                                  dtype, device, prefix)
 
     def official_state_dict(self):
         """Our weights under the official names (layers.{i}.0.*, layers.{i}.1.{0,1,3}.*), without a prefix."""

@@ -26,10 +26,12 @@ import time
 
 import torch
 
+import checkpoint
 import weights
-from model import DEFAULT_SYSTEM, XGenMM, chat_prompt, load_image
-
-IMAGE = "<image>"
+from generate import decode_layout
+from images import load_image
+from model import XGenMM
+from tokenizer import DEFAULT_SYSTEM, chat_prompt, place_images
 
 # -----------------------------------------------------------------------------
 # command line
@@ -39,8 +41,9 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("input")
     g.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="an xGen-MM directory (config.json, *.safetensors, tokenizer files), or a Hub id "
-                        "such as Salesforce/xgen-mm-phi3-mini-instruct-r-v1.5 already in the local HF cache")
+                   help="an xGen-MM directory (config.json, *.safetensors, tokenizer files), a training run's "
+                        "directory (its newest checkpoint), or a Hub id such as "
+                        "Salesforce/xgen-mm-phi3-mini-instruct-r-v1.5 already in the local HF cache")
     g.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image file; repeat for several, in the order of the prompt's <image> markers")
     g.add_argument("--prompt", default=None, metavar="TEXT",
@@ -92,7 +95,7 @@ def load(args):
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     t0 = time.perf_counter()
     try:
-        model = XGenMM.from_pretrained(args.checkpoint, dtype=dtype, device=args.device)
+        model = XGenMM.from_pretrained(checkpoint.resolve(args.checkpoint), dtype=dtype, device=args.device)
     except weights.CheckpointError as e:  # no such path or cached Hub id, not a checkpoint, not xGen-MM
         fail(str(e))
     except (ValueError, OSError) as e:  # e.g. a config.json that is not JSON
@@ -102,20 +105,10 @@ def load(args):
     if args.device == "cpu" and dtype == "float32":
         # Column-major weights: faster batch-1 matrix-vector products on CPU, in fp32 only. In bf16 or fp16
         # the CPU kernels take a slow path for transposed weights (about 36x slower per decode step).
-        model.lang_model.decode_layout()
+        decode_layout(model.lang_model)
     print(f"loaded {args.checkpoint} ({dtype}, {args.device}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return model
 
-
-def place_images(text, n):
-    """Put n image markers into a user text: where it has them, else one per image in front of it."""
-    k = text.count(IMAGE)
-    if k == 0:
-        return (IMAGE + "\n") * n + text
-    if k != n:
-        raise ValueError(f"the prompt has {k} {IMAGE} marker(s) but {n} image(s) are attached; "
-                         f"put one {IMAGE} where each image goes, or none to put all of them first")
-    return text
 
 # -----------------------------------------------------------------------------
 # generation, streamed

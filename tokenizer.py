@@ -18,6 +18,10 @@ how Phi-3 ships):
 
 Files read: tokenizer.model, tokenizer_config.json (added_tokens_decoder, add_bos_token, special
 tokens), added_tokens.json, special_tokens_map.json.
+
+Below the tokenizer, the text conventions every script shares, each written once: Phi-3's chat template
+(with the character spans of the answers, which carry the loss), where image markers go when a prompt has
+none, and padding a batch of id lists (docs/release.md §3).
 """
 import json
 import re
@@ -25,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import sentencepiece as spm
+import torch
 
 # -----------------------------------------------------------------------------
 # editing two fields of a serialized SentencePiece model (protobuf wire format)
@@ -321,3 +326,82 @@ def _read_json(f):
 
 def _write_json(f, obj):
     f.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+# -----------------------------------------------------------------------------
+# the tokens xGen-MM adds
+
+XGENMM_TOKENS = ("<image>", "<image placeholder>", "<|endofchunk|>")  # added in this order by the official factory
+
+
+def extend_tokenizer(tok):
+    """Add xGen-MM's tokens as the official factory does; returns the length before the three (initial_tokenizer_len).
+
+    `<pad>` first when the tokenizer pads with its eos (Phi-3 does), then `<image>`, `<image placeholder>`,
+    `<|endofchunk|>`. Tokens already present keep their ids.
+    """
+    if tok.pad_id is None or tok.pad_id == tok.eos_id:
+        tok.add_tokens(["<pad>"])
+        tok.names["pad"] = "<pad>"
+    return tok.add_tokens(list(XGENMM_TOKENS))[0]
+
+
+def extended_tokenizer(path):
+    """The tokenizer at `path` with xGen-MM's tokens added, as the official factory adds them."""
+    tok = Tokenizer.from_pretrained(path)
+    extend_tokenizer(tok)
+    return tok
+
+# -----------------------------------------------------------------------------
+# prompts: Phi-3's chat template, image markers, padded batches
+
+IMAGE, END_CHUNK, END = "<image>", "<|endofchunk|>", "<|end|>"
+DEFAULT_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def render_chat(turns, system=DEFAULT_SYSTEM, generation_prompt=False):
+    """The Phi-3 chat text of [(role, text)] and the character spans that carry the loss (the answers).
+
+    `<|system|>\n{system}<|end|>\n<|user|>\n{q}<|end|>\n<|assistant|>\n{a}<|end|>\n...`; with
+    `generation_prompt` the text ends with `<|assistant|>\n`, where the model's answer starts. A span runs
+    from the newline after `<|assistant|>` to the end of the answer's `<|end|>\n`: Phi-3's tokens swallow
+    those newlines (rstrip), so the loss lands on the answer and its `<|end|>`; with a tokenizer that keeps
+    them, the newline goes with the answer.
+    """
+    out, spans = f"<|system|>\n{system}{END}\n" if system else "", []
+    for role, text in turns:
+        out += f"<|{role}|>\n"
+        start = len(out) - 1
+        out += f"{text}{END}\n"
+        if role == "assistant":
+            spans.append((start, len(out)))
+    return (out + "<|assistant|>\n" if generation_prompt else out), spans
+
+
+def chat_prompt(turns, system=DEFAULT_SYSTEM):
+    """Inference: the texts [user, assistant, user, ...] in the chat format, ending where the next answer starts."""
+    roles = [("user", "assistant")[i % 2] for i in range(len(turns))]
+    return render_chat(list(zip(roles, turns)), system, generation_prompt=True)[0]
+
+
+def place_images(text, n):
+    """Put n image markers into a user text: where it has them, else one "<image>\n" per image in front of it
+    (the release's examples, and LLaVA's data, put a single image before the question)."""
+    k = text.count(IMAGE)
+    if k == 0:
+        return (IMAGE + "\n") * n + text
+    if k != n:
+        raise ValueError(f"{k} {IMAGE} marker(s) in the text but {n} image(s); put one {IMAGE} where each "
+                         "image goes, or none to put all of them first")
+    return text
+
+
+def pad_batch(rows, value, side="right"):
+    """Id lists (or 1-D tensors) -> ((B, T) long tensor padded with `value` on `side`, (B, T) 0/1 mask)."""
+    T = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), T), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+        out[i, span], mask[i, span] = torch.as_tensor(r, dtype=torch.long), 1
+    return out, mask

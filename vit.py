@@ -53,7 +53,7 @@ class ViTConfig:
 
         Fields the dict omits come from `base` (a ViTConfig), by default transformers' SiglipVisionConfig
         defaults, as transformers would fill them. Unknown fields are ignored. model.py reads an xGen-MM
-        `vision_encoder_config` with base=PRESETS["so400m"] (SPEC section 2: its SigLIP fields win).
+        `vision_encoder_config` with base=PRESETS["so400m"] (docs/release.md §2: its SigLIP fields win).
         """
         d = d.get("vision_config", d)
         act = d.get("hidden_act", "gelu_pytorch_tanh")
@@ -179,11 +179,8 @@ class ViT(nn.Module):
         prefix = "vision_model." if "vision_model.embeddings.patch_embedding.weight" in ckpt else ""
         if hf["model_type"] == "siglip":  # a full SigLIP: its text tower and contrastive logit scale/bias
             ckpt.skip(r"text_model\.|logit_scale$|logit_bias$")
-        with torch.device("meta"):  # no memory, no init: the weights arrive by assignment
-            model = cls(config)
-        state = convert_checkpoint(ckpt, prefix, config)
-        ckpt.finish()
-        return weights.assign(model, state, weights.resolve_dtype(dtype), device).eval()
+        return weights.load_model(ckpt, lambda: cls(config), lambda c, _: convert_checkpoint(c, prefix, config),
+                                  dtype, device)
 
     def official_state_dict(self):
         """Our weights in HF SiglipVisionTransformer names (q, k, v split again), without a prefix."""

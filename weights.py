@@ -151,6 +151,17 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: unexpected tensor(s) the model has no place for: {shown}{more}")
 
 
+def load_model(ckpt, build, convert, dtype=None, device=None, prefix=""):
+    """Every loader's skeleton: build the module on the meta device (no memory, no initialisation), convert the
+    checkpoint's tensors into its state dict (`convert(ckpt, module)`, names and shapes checked), refuse any
+    tensor under `prefix` that nobody took, and assign the tensors as the module's parameters."""
+    with torch.device("meta"):
+        module = build()
+    state = convert(ckpt, module)
+    ckpt.finish(prefix)
+    return assign(module, state, resolve_dtype(dtype), device).eval()
+
+
 def take_module(ckpt, module, prefix, names=None):
     """Take `prefix + name` for every tensor of `module` whose checkpoint name equals ours.
 

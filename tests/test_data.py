@@ -12,16 +12,19 @@ import torch
 from PIL import Image
 
 import data
+import formats
+import images
 import model
 from reference import write_tokenizer
+from tokenizer import DEFAULT_SYSTEM, Tokenizer, chat_prompt, extend_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     write_tokenizer(d, add_bos=True, vocab_size=300)
-    t = model.Tokenizer.from_pretrained(d)
-    model.extend_tokenizer(t)
+    t = Tokenizer.from_pretrained(d)
+    extend_tokenizer(t)
     return t
 
 
@@ -86,8 +89,8 @@ CONVERSATIONS = {
 def test_loss_mask_token_by_token(enc, tok, name):
     turns, n_images = CONVERSATIONS[name]
     ids, labels = enc.chat(turns, n_images, "x")
-    system = turns[0][1] if turns[0][0] == "system" else model.DEFAULT_SYSTEM
-    text = model.chat_prompt([t for r, t in turns if r != "system"], system).removesuffix("<|assistant|>\n")
+    system = turns[0][1] if turns[0][0] == "system" else DEFAULT_SYSTEM
+    text = chat_prompt([t for r, t in turns if r != "system"], system).removesuffix("<|assistant|>\n")
     assert ids == tok.encode(text)  # one encode of the whole text: no re-tokenization mismatch possible
     answers = [t for r, t in turns if r == "assistant"]
     assert runs(ids, labels) == [answer_ids(tok, a) for a in answers]
@@ -130,7 +133,8 @@ def test_truncation_keeps_image_blocks_whole(enc, tok, config):
     second = [i for i, t in enumerate(ids) if t == tok.token_to_id("<image>")][1]
     budget = second - 1 + block + block // 2  # room for the first block and half of the second
     s = data.Encoder(tok, config, max_len=budget).sample(ids, labels, [img, img], "x")
-    assert len(s["images"]) == 1 and s["input_ids"] == ids[:second] and s["length"] == second - 1 + block
+    kept = config.expand_images(ids[:second], [img.size])  # text and image 1, its <image> expanded to its block
+    assert len(s["images"]) == 1 and s["input_ids"] == kept and s["length"] == len(kept) == second - 1 + block
 
 
 def test_pretraining_text_labels(enc, tok):
@@ -145,10 +149,10 @@ def test_pretraining_text_labels(enc, tok):
 
 
 def test_brace_expansion():
-    assert data.expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
-    assert data.expand_braces("{a,b}/x-{8..10}.tar") == ["a/x-8.tar", "a/x-9.tar", "a/x-10.tar", "b/x-8.tar",
+    assert formats.expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert formats.expand_braces("{a,b}/x-{8..10}.tar") == ["a/x-8.tar", "a/x-9.tar", "a/x-10.tar", "b/x-8.tar",
                                                           "b/x-9.tar", "b/x-10.tar"]
-    assert data.expand_braces("plain.tar") == ["plain.tar"]
+    assert formats.expand_braces("plain.tar") == ["plain.tar"]
 
 
 def test_caption_shards(tmp_path, enc, tok):
@@ -156,8 +160,8 @@ def test_caption_shards(tmp_path, enc, tok):
                                         ("sub/b.jpg", png(20, 20)), ("sub/b.json", b'{"caption": "two squares"}')])
     write_tar(tmp_path / "c-001.tar", [("c.webp", png()), ("c.txt", b""), ("../evil.txt", b"x"),
                                         ("d.txt", b"no image"), ("e.png", b"not a png"), ("e.txt", b"broken")])
-    src = data.open_source({"type": "captions", "path": "c-{000..001}.tar"}, tmp_path, "<|endoftext|>")
-    assert len(src) == 6 and data.sniff(tmp_path / "c-{000..001}.tar") == "captions"
+    src = formats.open_source({"type": "captions", "path": "c-{000..001}.tar"}, tmp_path, "<|endoftext|>")
+    assert len(src) == 6 and formats.sniff(tmp_path / "c-{000..001}.tar") == "captions"
     first = src.record(0)
     assert first["text"] == "<image>a red circle<|endofchunk|><|endoftext|>" and first["where"].endswith("c-000.tar:a")
     assert src.record(1)["text"].startswith("<image>two squares")
@@ -181,7 +185,7 @@ def test_interleaved_tar_members_base64_and_jsonl(tmp_path, enc, tok):
     write_tar(tmp_path / "d.tar", [("d1.json", json.dumps(doc1).encode()), ("d1.0.png", png()), ("d1.1.png", png(seed=1)),
                                    ("d2.json", json.dumps(doc2).encode()),
                                    ("d3.json", json.dumps(doc3).encode())] + [(f"d3.{k}.png", png()) for k in range(3)])
-    src = data.open_source({"type": "interleaved", "path": "d.tar", "max_images": 2}, tmp_path, "<|endoftext|>")
+    src = formats.open_source({"type": "interleaved", "path": "d.tar", "max_images": 2}, tmp_path, "<|endoftext|>")
     r = src.record(0)
     assert r["text"] == ("Intro.<image>The red circle.<|endofchunk|><image>The blue square.<|endofchunk|>"
                          "<|endoftext|>") and len(r["images"]) == 2
@@ -190,8 +194,8 @@ def test_interleaved_tar_members_base64_and_jsonl(tmp_path, enc, tok):
     assert src.record(2)["text"] == "<image>x<|endofchunk|><image>y<|endofchunk|><|endoftext|>"  # capped at 2
     (tmp_path / "img.png").write_bytes(png())
     (tmp_path / "docs.jsonl").write_text(json.dumps({"texts": [None, "hello"], "images": ["img.png", None]}) + "\n{oops\n")
-    jl = data.open_source({"type": "interleaved", "path": "docs.jsonl"}, tmp_path, "<|endoftext|>")
-    assert data.sniff(tmp_path / "d.tar") == data.sniff(tmp_path / "docs.jsonl") == "interleaved"
+    jl = formats.open_source({"type": "interleaved", "path": "docs.jsonl"}, tmp_path, "<|endoftext|>")
+    assert formats.sniff(tmp_path / "d.tar") == formats.sniff(tmp_path / "docs.jsonl") == "interleaved"
     assert len(enc(jl.record(0))["images"]) == 1
     with pytest.raises(data.BadSample, match=r"docs\.jsonl:2: malformed JSON line"):
         jl.record(1)
@@ -210,11 +214,11 @@ def test_llava_json(tmp_path, enc, tok):
             {"id": "5", "image": "a.png", "conversations": [{"from": "robot", "value": "?"}]}]
     (tmp_path / "sft.json").write_text(json.dumps(rows))
     src = data.open_sources(tmp_path / "sft.json", "<|endoftext|>", image_folder=tmp_path / "imgs")[0][0]
-    assert data.sniff(tmp_path / "sft.json") == "llava"
+    assert formats.sniff(tmp_path / "sft.json") == "llava"
     s = [enc(src.record(i)) for i in range(3)]
     assert [len(x["images"]) for x in s] == [1, 2, 0]
     text = tok.decode(s[2]["input_ids"])
-    assert "<|system|>Be brief.<|end|>" in text and model.DEFAULT_SYSTEM not in text  # the row's system prompt wins
+    assert "<|system|>Be brief.<|end|>" in text and DEFAULT_SYSTEM not in text  # the row's system prompt wins
     with pytest.raises(data.BadSample, match=r"sft\.json\[3\] id=4: image file .*missing\.png does not exist"):
         enc(src.record(3))
     with pytest.raises(data.BadSample, match=r"id=5: turn .* needs 'from'"):
@@ -236,12 +240,14 @@ def test_vlfeedback_pairs_and_counts(tmp_path, enc, tok):
             vlf_row(3, [("2", "2", "2"), ("1", "1", "1")]),                      # below min_score 3
             vlf_row(4, [("5", "5", "5"), ("1", "1", "1")], ["same", "same"])]    # chosen == rejected
     (tmp_path / "vlf.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
-    src = data.open_source({"type": "vlfeedback", "path": "vlf.jsonl", "min_score": 3}, tmp_path, "")
-    assert data.sniff(tmp_path / "vlf.jsonl") == "vlfeedback"
+    src = formats.open_source({"type": "vlfeedback", "path": "vlf.jsonl", "min_score": 3}, tmp_path, "")
+    assert formats.sniff(tmp_path / "vlf.jsonl") == "vlfeedback"
     assert src.counts == Counter({"rows": 5, "pairs": 3, "tie": 1, "unparsable rating": 1, "below min_score": 1})
     p = src.record(0)
-    assert (p["chosen"], p["rejected"]) == ("response 0", "response 1") and p["turns"][0][1].startswith("<image>\n")
+    assert (p["chosen"], p["rejected"]) == ("response 0", "response 1") and p["turns"][0][1] == "Describe it."
     s = enc(p)
+    prompt = enc.chat([("user", "<image>\nDescribe it."), ("assistant", "response 0")], 1, "x")[0]
+    assert s["chosen"]["input_ids"] == enc.config.expand_images(prompt, [(40, 30)])  # the image goes first
     assert runs(s["chosen"]["input_ids"], s["chosen"]["labels"]) == [answer_ids(tok, "response 0")]
     n = len(s["chosen"]["input_ids"]) - len(answer_ids(tok, "response 0"))
     assert s["chosen"]["input_ids"][:n] == s["rejected"]["input_ids"][:n]  # the same prompt
@@ -260,8 +266,8 @@ def test_vlguard_rows(tmp_path, enc):
                 {"safe_instruction": "What colour?", "response": "Red."},
                 {"unsafe_instruction": "How to hurt?", "response": "I can't help with that."}]}]
     (tmp_path / "vlguard.json").write_text(json.dumps(rows))
-    assert data.sniff(tmp_path / "vlguard.json") == "vlguard"
-    src = data.open_source({"type": "vlguard", "path": "vlguard.json"}, tmp_path, "")
+    assert formats.sniff(tmp_path / "vlguard.json") == "vlguard"
+    src = formats.open_source({"type": "vlguard", "path": "vlguard.json"}, tmp_path, "")
     assert len(src) == 3
     assert [src.record(i)["turns"][0][1] for i in range(3)] == ["How to use it?", "What colour?", "How to hurt?"]
     assert all(len(enc(src.record(i))["images"]) == 1 for i in range(3))
@@ -274,24 +280,24 @@ def test_image_modes_are_converted_correctly(tmp_path):
     grey16 = Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16))
     buf = io.BytesIO()
     grey16.save(buf, format="PNG")
-    img = data.open_image(buf.getvalue(), "x")
+    img = images.open_image(buf.getvalue(), "x")
     assert img.mode == "RGB" and np.asarray(img)[0, 0].tolist() == [156, 156, 156]  # 40000 >> 8, not clipped
     for mode in ("L", "P", "RGBA", "CMYK"):
         fmt = "JPEG" if mode == "CMYK" else "PNG"
         b = io.BytesIO()
         Image.new(mode, (5, 5)).save(b, format=fmt)
-        assert data.open_image(b.getvalue(), "x").mode == "RGB"
+        assert images.open_image(b.getvalue(), "x").mode == "RGB"
 
 
 def test_bad_images_are_named(tmp_path, monkeypatch):
     with pytest.raises(data.BadSample, match="shard.tar:k: cannot decode") as e:
-        data.open_image(png()[:60], "shard.tar:k")  # truncated
+        images.open_image(png()[:60], "shard.tar:k")  # truncated
     assert e.value.reason == "bad image"
     with pytest.raises(data.BadSample, match="does not exist"):
-        data.open_image(tmp_path / "nope.png", "x")
-    monkeypatch.setattr(data, "MAX_PIXELS", 100)
+        images.open_image(tmp_path / "nope.png", "x")
+    monkeypatch.setattr(images, "MAX_PIXELS", 100)
     with pytest.raises(data.BadSample, match="40x30 pixels is over the 100 pixel limit") as e:
-        data.open_image(png(), "x")
+        images.open_image(png(), "x")
     assert e.value.reason == "image too large"
 
 # -----------------------------------------------------------------------------
@@ -310,7 +316,7 @@ def test_schedule_proportions_and_passes():
     assert [sched(p) for p in range(50)] != [data.Schedule([50, 30, 7], [0.7, 0.2, 0.1], seed=4)(p) for p in range(50)]
 
 
-class Numbers(data.Source):
+class Numbers(formats.Source):
     """A source of n text-only samples whose record says which item it is."""
 
     def __init__(self, n, name="numbers", bad=()):
@@ -374,8 +380,8 @@ def world(tmp_path_factory):
 
 @pytest.mark.parametrize("mixture", ["pretrain", "sft", "interleave", "safety", "dpo", "sft_conversational"])
 def test_toy_world_reads_strictly(world, mixture):
-    tok = model.Tokenizer.from_pretrained(world / "tokenizer")
-    model.extend_tokenizer(tok)
+    tok = Tokenizer.from_pretrained(world / "tokenizer")
+    extend_tokenizer(tok)
     enc = data.Encoder(tok, model.preset("tiny", tokenizer=tok), max_len=2048)
     sources = data.open_sources(world / "mixtures" / f"{mixture}.json", tok.id_to_token(tok.eos_id))
     kinds = Counter()
@@ -384,7 +390,8 @@ def test_toy_world_reads_strictly(world, mixture):
             s = enc(src.record(i))
             for row in ([s["chosen"], s["rejected"]] if "chosen" in s else [s]):
                 assert any(lab != -100 for lab in row["labels"])
-                assert row["input_ids"].count(enc.image_id) == len(row["images"])
+                blocks = [enc.config.image_tokens(size) for _, size, _ in row["images"]]
+                assert row["input_ids"].count(enc.image_id) == sum(blocks)  # each <image> expanded to its block
                 kinds[len(row["images"])] += 1
     assert kinds  # something was read
     if mixture in ("interleave", "pretrain"):
@@ -395,8 +402,8 @@ def test_toy_world_reads_strictly(world, mixture):
 
 
 def test_a_toy_batch_trains_the_model(world):
-    tok = model.Tokenizer.from_pretrained(world / "tokenizer")
-    model.extend_tokenizer(tok)
+    tok = Tokenizer.from_pretrained(world / "tokenizer")
+    extend_tokenizer(tok)
     cfg = model.preset("tiny", tokenizer=tok)
     enc = data.Encoder(tok, cfg, max_len=1024)
     mix = data.Mixture(data.open_sources(world / "mixtures" / "interleave.json", tok.id_to_token(tok.eos_id)), enc,
@@ -404,7 +411,7 @@ def test_a_toy_batch_trains_the_model(world):
     batch = next(iter(mix))
     torch.manual_seed(0)
     m = model.XGenMM(cfg)
-    _, loss = m(batch["input_ids"], batch["images"], batch["attention_mask"], labels=batch["labels"])
+    loss = m(batch["input_ids"], batch["images"], batch["attention_mask"], labels=batch["labels"])
     loss.backward()
     assert torch.isfinite(loss) and m.vision_tokenizer.latents.grad.abs().sum() > 0
 

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import checkpoint
 import data
 import dpo
 import model
@@ -51,7 +52,7 @@ def fixed_batch(setup, m):
 
 def test_reference_stays_fixed_and_the_merged_checkpoint_is_the_policy(setup, tmp_path):
     s, _ = run(setup, tmp_path / "b", setup / "two.jsonl", "--batch-size", "2", "--max-steps", "4", "--lr", "2e-3")
-    init = model.XGenMM.from_pretrained(train.newest_checkpoint(setup / "sft")).train()
+    init = model.XGenMM.from_pretrained(checkpoint.newest(setup / "sft")).train()
     b = fixed_batch(setup, init)
     with torch.no_grad():
         before = dpo.logps(init, b)

@@ -79,7 +79,7 @@ def test_only_lora_parameters_train_and_counts():
     assert total == sum(p.numel() for p in base.parameters()) + trainable
     randomize_B(m)  # with B = 0, dL/dA = 0
     m.train()
-    _, loss = m(IDS, labels=IDS)
+    loss = m(IDS, labels=IDS)
     loss.backward()
     for n, p in m.named_parameters():
         if ".lora_" in n:

@@ -12,6 +12,8 @@ from safetensors.torch import load_file, save_file
 import model
 import phi3
 import weights
+from images import Images, group_features, preprocess, select_grid, unpad_mask
+from tokenizer import XGENMM_TOKENS, Tokenizer, chat_prompt, extend_tokenizer
 from reference import GRIDS, TINY_SIGLIP, write_xgenmm, write_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -30,14 +32,6 @@ def released(request, tmp_path_factory):
     return ref, model.XGenMM.from_pretrained(d), d
 
 
-def right_padded(rows):
-    T = max(map(len, rows))
-    ids, mask = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-    return ids, mask
-
-
 def batch(tok):
     """One image (wide), two images (tall, square), none: the three cases of an interleaved batch."""
     prompts = [tok.encode("<image>\nwhat is this?"), tok.encode("compare <image> and <image> now"),
@@ -52,9 +46,9 @@ def batch(tok):
 def test_logits_equal_transformers_composed_reference(released):
     ref, m, _ = released
     prompts, images = batch(m.tokenizer)
-    ids, mask = right_padded(prompts)
+    ids, mask, imgs = m.encode_batch(prompts, images)  # right-padded, each <image> expanded
     with torch.no_grad():
-        logits = m(ids, model.Images.from_pil(images, m.config), mask)
+        logits = m(ids, imgs, mask)
     assert logits.shape[-1] == ref.initial + 3  # 3 decoupled logits after the initial vocabulary
     for b in range(3):
         expected = ref.logits(prompts[b], images[b])
@@ -64,12 +58,13 @@ def test_logits_equal_transformers_composed_reference(released):
 def test_loss_ignores_vision_tokens_and_equals_plain_math(released):
     ref, m, _ = released
     prompts, images = batch(m.tokenizer)
-    ids, mask = right_padded(prompts)
-    labels = ids.masked_fill(mask == 0, -100)
+    ids, mask, imgs = m.encode_batch(prompts, images)
+    labels = ids.masked_fill(mask == 0, -100)  # forward keeps the image positions out of the loss itself
     with torch.no_grad():
-        _, loss = m(ids, model.Images.from_pil(images, m.config), mask, labels=labels, reduction="sum")
-        _, fused = m(ids, model.Images.from_pil(images, m.config), mask, labels=labels, reduction="sum",
-                     return_logits=False)
+        loss = m(ids, imgs, mask, labels=labels, reduction="sum")
+        logits = m(ids, imgs, mask)
+    fused = sum(F.cross_entropy(logits[b, :-1], labels[b, 1:].masked_fill(ids[b, 1:] == ref.image_id, -100),
+                                ignore_index=-100, reduction="sum") for b in range(3))
     total = 0.0
     for b in range(3):  # targets: the text ids with every image's block as -100, shifted by one
         seq, k = [], 0
@@ -125,7 +120,7 @@ def test_marker_count_mismatch_names_the_sample(released):
         m.generate(prompts, [images[0], images[1], [noise_image(9, 9)]], max_new_tokens=2)
 
 # -----------------------------------------------------------------------------
-# any-resolution (SPEC section 4 examples, at the released 384-pixel size)
+# any-resolution (the examples of docs/release.md §4, at the released 384-pixel size)
 
 
 RELEASED = model.XGenMMConfig()
@@ -136,36 +131,34 @@ RELEASED = model.XGenMMConfig()
     ((49, 49), (384, 768), 384), ((1000, 300), (1152, 384), 512), ((800, 400), (768, 384), 384),
 ])
 def test_grid_selection_and_token_counts(size, grid, tokens):
-    assert model.select_grid(size, RELEASED.grids) == grid
+    assert select_grid(size, RELEASED.grids) == grid
     assert RELEASED.image_tokens(size) == tokens
     assert model.XGenMMConfig.from_strategy("fixed").image_tokens(size) == 128
     assert model.XGenMMConfig.from_strategy("anyres-fixed").image_tokens(size) == 128
 
 
 def test_unpad_mask_examples():
-    keep = model.unpad_mask((640, 480), 54, 54)  # 2x2 grid: rows 0-6 and 47-53 fell on the padding
+    keep = unpad_mask((640, 480), 54, 54)  # 2x2 grid: rows 0-6 and 47-53 fell on the padding
     masked_rows = (~keep).all(1).nonzero().flatten().tolist()
     assert masked_rows == list(range(0, 7)) + list(range(47, 54)) and keep[7:47].all()
-    keep = model.unpad_mask((49, 49), 27, 54)  # int(49 * (27/49)) = 26, not 27: 14 rows each side
+    keep = unpad_mask((49, 49), 27, 54)  # int(49 * (27/49)) = 26, not 27: 14 rows each side
     assert (~keep).all(1).nonzero().flatten().tolist() == list(range(0, 14)) + list(range(40, 54))
-    keep = model.unpad_mask((300, 1000), 27, 81)  # tall image on a 1x3 grid: columns are padded
+    keep = unpad_mask((300, 1000), 27, 81)  # tall image on a 1x3 grid: columns are padded
     pad = (27 - int(300 * (81 / 1000))) // 2
     assert (~keep).all(0).nonzero().flatten().tolist() == list(range(pad)) + list(range(27 - pad, 27))
 
 
 def test_preprocess_views_and_bands():
     cfg = model.preset("tiny")
-    views, size, grid = model.preprocess(noise_image(640, 480), cfg)
+    views, size, grid = preprocess(noise_image(640, 480), cfg)
     assert views.shape == (5, 3, 64, 64) and size == (640, 480) and grid == (2, 2)
     assert views.min() >= -1 and views.max() <= 1
-    views, _, grid = model.preprocess(noise_image(640, 480), model.preset("tiny", "fixed"))
+    views, _, grid = preprocess(noise_image(640, 480), model.preset("tiny", "fixed"))
     assert views.shape == (1, 3, 64, 64) and grid == (0, 0)
     # quirk: with two crops side by side, a group is a band across the whole map, not one crop
-    with torch.device("meta"):
-        m = model.XGenMM(cfg)
     side = 8
     feats = torch.arange(3 * side * side, dtype=torch.float32).repeat_interleave(2).view(3, side * side, 2)
-    groups, masks = m.group_features(feats, (128, 64), (2, 1))
+    groups, masks = group_features(feats, (128, 64), (2, 1))
     left, right = feats[1].view(side, side, 2), feats[2].view(side, side, 2)
     band0 = torch.cat((left[: side // 2], right[: side // 2]), dim=1).reshape(-1, 2)  # top halves of both crops
     assert torch.equal(groups[0], feats[0]) and torch.equal(groups[1], band0) and masks[0] is None
@@ -173,10 +166,10 @@ def test_preprocess_views_and_bands():
 
 def test_images_collate_any_count():
     cfg = model.preset("tiny")
-    imgs = model.Images.from_pil([[], [noise_image(40, 40)], [noise_image(300, 100), noise_image(10, 90)], []], cfg)
+    imgs = Images.from_pil([[], [noise_image(40, 40)], [noise_image(300, 100), noise_image(10, 90)], []], cfg)
     assert imgs.counts == [0, 1, 2, 0] and len(imgs.sizes) == 3
     assert imgs.pixel_values.shape[0] == sum(1 + c * r for c, r in imgs.grids)
-    empty = model.Images.from_pil([[], []], cfg)
+    empty = Images.from_pil([[], []], cfg)
     assert empty.pixel_values.shape[0] == 0 and empty.counts == [0, 0]
 
 # -----------------------------------------------------------------------------
@@ -215,12 +208,12 @@ def test_decoupled_rows_are_folded_and_split_back(released, tmp_path):
 def test_release_tokenizer_without_xgenmm_tokens_is_extended(released, tmp_path):
     ref, m, _ = released
     tok = m.tokenizer
-    assert [tok.token_to_id(t) for t in model.XGENMM_TOKENS] == [ref.initial, ref.initial + 1, ref.initial + 2]
+    assert [tok.token_to_id(t) for t in XGENMM_TOKENS] == [ref.initial, ref.initial + 1, ref.initial + 2]
     assert tok.pad_id == ref.initial - 1 and tok.id_to_token(tok.pad_id) == "<pad>"
     d = tmp_path / "with-tokens"  # files that already hold every token load to the same ids
     ref2 = write_xgenmm(d, tokenizer="xgenmm")
     m2 = model.XGenMM.from_pretrained(d)
-    assert [m2.tokenizer.token_to_id(t) for t in model.XGENMM_TOKENS] == [ref2.initial + k for k in range(3)]
+    assert [m2.tokenizer.token_to_id(t) for t in XGENMM_TOKENS] == [ref2.initial + k for k in range(3)]
 
 
 def test_tokenizer_that_disagrees_with_the_rows_is_refused(tmp_path):
@@ -262,7 +255,7 @@ def test_head_without_bias_and_bf16(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
     ids = [5, ref.initial, 7]
     with torch.no_grad():
-        got = m(torch.tensor([ids]), model.Images.from_pil([[noise_image(40, 20)]], m.config)).float()[0]
+        got = m(*m.encode_batch([ids], [[noise_image(40, 20)]])[::2]).float()[0]
     expected = ref.logits(ids, [noise_image(40, 20)])
     assert (got - expected).abs().max().item() < 0.15 * expected.abs().max().item()
 
@@ -334,7 +327,7 @@ def test_from_components_extends_the_tokenizer_and_saves_the_official_layout(com
     d, n = components
     m = model.XGenMM.from_components(d / "siglip", d / "phi3", strategy="anyres")
     tok = m.tokenizer
-    assert tok.pad_id == n + 11 and [tok.token_to_id(t) for t in model.XGENMM_TOKENS] == [n + 12, n + 13, n + 14]
+    assert tok.pad_id == n + 11 and [tok.token_to_id(t) for t in XGENMM_TOKENS] == [n + 12, n + 13, n + 14]
     assert m.config.initial_tokenizer_len == n + 12 and m.config.text.output_vocab_size == len(tok) == n + 15
     assert m.config.text.vocab_size == 320 and m.config.text.pad_token_id == n + 11
     lm = m.lang_model
@@ -361,17 +354,17 @@ def test_from_components_grows_a_full_vocabulary(components, tmp_path):
     m = model.XGenMM.from_components(d / "siglip", tight, strategy="fixed")
     assert m.config.text.vocab_size == 320 and m.config.text.output_vocab_size == n + 15
     with torch.no_grad():
-        logits = m(torch.tensor([[1, m.config.image_token_id, 5]]), model.Images.from_pil([[noise_image(9, 20)]], m.config))
+        logits = m(*m.encode_batch([[1, m.config.image_token_id, 5]], [[noise_image(9, 20)]])[::2])
     assert logits.shape == (1, 2 + m.config.resampler.num_latents, n + 15)  # fixed: one block of 128
 
 
 def test_training_gradients_reach_resampler_and_lm_only(released):
     _, m, _ = released
     prompts, images = batch(m.tokenizer)
-    ids, mask = right_padded(prompts)
+    ids, mask, imgs = m.encode_batch(prompts, images)
     m.train()
     try:
-        _, loss = m(ids, model.Images.from_pil(images, m.config), mask, labels=ids.masked_fill(mask == 0, -100))
+        loss = m(ids, imgs, mask, labels=ids.masked_fill(mask == 0, -100))
         loss.backward()
     finally:
         m.eval()
@@ -382,15 +375,15 @@ def test_training_gradients_reach_resampler_and_lm_only(released):
 
 
 def test_chat_prompt_format():
-    assert model.chat_prompt(["hi", "hello", "how?"], system="S") == (
+    assert chat_prompt(["hi", "hello", "how?"], system="S") == (
         "<|system|>\nS<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\nhello<|end|>\n<|user|>\nhow?<|end|>\n<|assistant|>\n")
-    assert model.chat_prompt(["q"], system=None) == "<|user|>\nq<|end|>\n<|assistant|>\n"
+    assert chat_prompt(["q"], system=None) == "<|user|>\nq<|end|>\n<|assistant|>\n"
 
 
 def test_preset_sized_to_a_tokenizer(tmp_path):
     write_tokenizer(tmp_path, add_bos=True, vocab_size=300)
-    tok = model.Tokenizer.from_pretrained(tmp_path)
-    initial = model.extend_tokenizer(tok)
+    tok = Tokenizer.from_pretrained(tmp_path)
+    initial = extend_tokenizer(tok)
     cfg = model.preset("tiny", tokenizer=tok)
     t = cfg.text
     assert (t.vocab_size, t.output_vocab_size, cfg.image_token_id) == (320, len(tok), initial)
@@ -407,15 +400,18 @@ def test_instruction_aware_resampler_reads_the_users_words_only(released, tmp_pa
     m2 = model.XGenMM.from_pretrained(d)
     m2.config.resampler.instruction_dim = m2.config.text.hidden_size
     m2.vision_tokenizer.instruction = torch.nn.Linear(m2.config.text.hidden_size, m2.config.resampler.dim, bias=False)
-    chat = model.chat_prompt(["Image 1: <image>\nImage 2: <image>\nwhich is red?"]) + "the first<|end|>\n"
-    ids = torch.tensor(tok.encode(chat))
-    spans = m2.instructions(torch.arange(len(ids))[:, None].float(), ids)  # "embeddings" = positions
+    chat = chat_prompt(["Image 1: <image>\nImage 2: <image>\nwhich is red?"]) + "the first<|end|>\n"
+    sizes = [(40, 40), (30, 60)]
+    tokens = [m2.config.image_tokens(size) for size in sizes]
+    ids = torch.tensor(m2.config.expand_images(tok.encode(chat), sizes))
+    spans = m2.instructions(torch.arange(len(ids))[:, None].float(), ids, tokens)  # "embeddings" = positions
     words = [tok.decode(ids[s[:, 0].long()].tolist()) for s in spans]
     assert words == ["\nwhich is red?", "\nwhich is red?"]
-    doc = torch.tensor(tok.encode("<image>Q: which is red? A: the first<|endofchunk|>"))
-    assert [len(s) for s in m2.instructions(torch.zeros(len(doc), 1), doc)] == [0]
+    doc = torch.tensor(m2.config.expand_images(tok.encode("<image>Q: which is red? A: the first<|endofchunk|>"),
+                                                sizes[:1]))
+    assert [len(s) for s in m2.instructions(torch.zeros(len(doc), 1), doc, tokens[:1])] == [0]
     prompts, images = batch(tok)
-    prompts[0] = tok.encode(model.chat_prompt(["<image>\nwhat is this?"]))
+    prompts[0] = tok.encode(chat_prompt(["<image>\nwhat is this?"]))
     with torch.no_grad():
         together = m2.generate(prompts, images, max_new_tokens=4)
         alone = [m2.generate([p], [im], max_new_tokens=4)[0] for p, im in zip(prompts, images)]

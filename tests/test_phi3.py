@@ -3,8 +3,10 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import generate
 import phi3
 import weights
 
@@ -74,9 +76,9 @@ def test_loss_matches_transformers(pair):
     labels = idx.clone()
     labels[:, :4] = -100
     with torch.no_grad():
-        _, loss = ours(idx, labels)
+        loss = ours(idx, labels)
         ref = hf(input_ids=idx, labels=labels).loss
-        _, s = ours(idx, labels, reduction="sum")
+        s = ours(idx, labels, reduction="sum")
     assert torch.allclose(loss, ref, atol=1e-5)
     assert torch.allclose(s, loss * (labels[:, 1:] != -100).sum(), atol=1e-4)
 
@@ -91,7 +93,7 @@ def test_embeds_input_equals_ids(pair):
 def test_greedy_generate_matches_transformers(pair):
     hf, ours, _ = pair
     prompts = [[1, 17, 33, 250, 9, 81, 4, 120, 77, 5, 6], [1, 300, 42, 8]]
-    idx, mask = phi3.left_pad(prompts, 0)
+    idx, mask = generate.left_pad(prompts, 0)
     ref = hf.generate(input_ids=idx, attention_mask=mask, max_new_tokens=32, do_sample=False,
                       eos_token_id=2, pad_token_id=0)[:, idx.shape[1]:]
     got = ours.generate(prompts, 32)
@@ -113,15 +115,16 @@ def test_cached_decoding_equals_full_forward(pair):
     with torch.no_grad():
         full = ours(idx)
         # token by token from an empty cache
-        ours.setup_cache(2, 24)
+        generate.setup_cache(ours, 2, 24)
         steps = [ours.forward(idx[:, t:t + 1], input_pos=torch.tensor([t]))[:, -1] for t in range(24)]
         assert (torch.stack(steps, 1) - full).abs().max() <= 1e-5
         # multi-token prefill, then single steps
-        ours.setup_cache(2, 24)
+        generate.setup_cache(ours, 2, 24)
         pre = ours.forward(idx[:, :10], input_pos=torch.arange(10))
-        rest = [ours.decode_step(idx[:, t:t + 1], torch.tensor([t])) for t in range(10, 24)]
+        valid, offset = torch.ones(2, 24, dtype=torch.bool), torch.zeros(2, dtype=torch.long)
+        rest = [generate.decode_step(ours, idx[:, t:t + 1], torch.tensor([t]), valid, offset) for t in range(10, 24)]
         got = torch.cat([pre, torch.stack(rest, 1)], 1)
-        ours.clear_cache()
+        generate.clear_cache(ours)
     assert (got - full).abs().max() <= 1e-5
 
 
@@ -200,11 +203,11 @@ def test_unsupported_config_is_refused():
 def test_sampling_respects_top_k_and_top_p():
     logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0]]).repeat(400, 1)
     g = torch.Generator().manual_seed(0)
-    assert set(phi3.sample(logits, 1.0, top_k=2, generator=g).tolist()) <= {0, 1}
+    assert set(generate.sample(logits, 1.0, top_k=2, generator=g).tolist()) <= {0, 1}
     p = logits.softmax(-1)[0]
     assert p[0] < 0.8 < p[0] + p[1]
-    assert set(phi3.sample(logits, 1.0, top_p=0.8, generator=g).tolist()) == {0, 1}
-    assert phi3.sample(logits, 0.0).tolist() == [0] * 400
+    assert set(generate.sample(logits, 1.0, top_p=0.8, generator=g).tolist()) == {0, 1}
+    assert generate.sample(logits, 0.0).tolist() == [0] * 400
 
 
 def test_decode_layout_changes_nothing_but_strides(pair):
@@ -213,10 +216,10 @@ def test_decode_layout_changes_nothing_but_strides(pair):
     idx = torch.randint(3, 384, (2, 12))
     with torch.no_grad():
         ref, ref_gen = m(idx), m.generate(idx, 12, stop_ids=[])
-        m.decode_layout()
+        generate.decode_layout(m)
         assert m.lm_head.weight.stride() == (1, 384) and m.lm_head.weight.shape == (384, 64)
         assert torch.allclose(m(idx), ref, atol=1e-5) and torch.equal(m.generate(idx, 12, stop_ids=[]), ref_gen)
-        m.decode_layout(False)
+        generate.decode_layout(m, False)
     assert all(p.is_contiguous() for p in m.parameters()) and torch.equal(m(idx), ref)
 
 
@@ -245,12 +248,12 @@ def test_gradients_and_checkpointing_agree(pair):
     _, ours, d = pair
     idx = torch.randint(3, 384, (2, 16))
     m = phi3.Phi3.from_pretrained(d).train()
-    _, loss = m(idx, idx)
+    loss = m(idx, idx)
     loss.backward()
     g1 = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
     m.gradient_checkpointing = True
-    _, loss2 = m(idx, idx)
+    loss2 = m(idx, idx)
     loss2.backward()
     assert torch.allclose(loss, loss2)
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(g1, m.parameters()))
@@ -317,7 +320,8 @@ def test_sequence_reduction_is_the_summed_loss_of_each_row(pair):
     labels = idx.masked_fill(mask == 0, -100)
     labels[0, :5] = -100  # a prompt without loss
     with torch.no_grad():
-        _, per_row = ours(idx, labels, attention_mask=mask, reduction="sequence")
+        per_row = ours(idx, labels, attention_mask=mask, reduction="sequence")
         logits = ours(idx, attention_mask=mask)
-    expected = torch.stack([phi3.lm_loss(logits[b:b + 1], labels[b:b + 1], "sum") for b in range(len(idx))])
+    expected = torch.stack([F.cross_entropy(logits[b, :-1], labels[b, 1:], ignore_index=-100, reduction="sum")
+                            for b in range(len(idx))])
     assert per_row.shape == (len(idx),) and (per_row - expected).abs().max().item() <= 1e-3

@@ -17,7 +17,10 @@ import torch
 from PIL import Image
 
 import sample
-from model import DEFAULT_SYSTEM, XGenMM, chat_prompt, load_image
+from generate import decode_layout
+from images import load_image
+from model import XGenMM
+from tokenizer import DEFAULT_SYSTEM, chat_prompt
 from reference import write_xgenmm
 
 pytest.importorskip("transformers")  # write_xgenmm builds the random weights with it
@@ -46,7 +49,7 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(files):
     m = XGenMM.from_pretrained(files / "ckpt")
-    m.lang_model.decode_layout()  # as sample.py runs it, so the float rounding is the same too
+    decode_layout(m.lang_model)  # as sample.py runs it, so the float rounding is the same too
     return m
 
 
@@ -202,3 +205,11 @@ def test_decode_layout_only_for_fp32_on_the_cpu(files, dtype):
     m = sample.load(sample.build_parser().parse_args(["--checkpoint", str(files / "ckpt"), "--dtype", dtype]))
     w = m.lang_model.model.layers[0].mlp.gate_up_proj.weight
     assert w.dtype == getattr(torch, dtype) and w.is_contiguous() == (dtype == "bfloat16")
+
+
+def test_a_run_directory_means_its_newest_checkpoint(capsys, files, model, tmp_path):
+    """What train.py writes (RUN/ckpt-NNNNNNN/) is what --checkpoint takes, as train.py and eval.py do."""
+    shutil.copytree(files / "ckpt", tmp_path / "run" / "ckpt-0000002")
+    (tmp_path / "run" / "ckpt-best").mkdir()  # a user's folder: not a checkpoint name, never chosen
+    code, out, err = run_main(capsys, files, "--prompt", "hi", "--checkpoint", tmp_path / "run")
+    assert code == 0 and out == expected(model, chat_prompt(["hi"])) + "\n", err
