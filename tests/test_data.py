@@ -372,7 +372,7 @@ def test_bad_samples_strict_and_training_mode(enc, tok):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import toyworld
+    from toy import toyworld
     out = tmp_path_factory.mktemp("world")
     toyworld.write_world(out, seed=0, size="small")
     return out

@@ -18,7 +18,7 @@ FAST = ["--workers", "0", "--max-len", "512", "--log-every", "1", "--save-every"
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import toyworld
+    from toy import toyworld
     root = tmp_path_factory.mktemp("dpo")
     toyworld.write_world(root / "world", seed=0, size="small")
     train.main(["--data", str(root / "world" / "mixtures" / "sft.json"), "--out-dir", str(root / "sft"),

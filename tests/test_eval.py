@@ -1,12 +1,13 @@
-"""eval.py: the metric functions on hand-made answers, then the whole evaluator on a tiny checkpoint."""
+"""toy/tasks.py's metric functions on hand-made answers, then eval.py's whole evaluator on a tiny checkpoint."""
 import json
+from pathlib import Path
 
 import pytest
 
 import eval as ev
 import model
-import toyworld
 import train
+from toy import scenes, tasks, toyworld
 
 
 @pytest.mark.parametrize("prediction, answer, same", [
@@ -16,80 +17,80 @@ import train
     ("CAT", "cat", True), ("0.5", "0.5", True),
 ])
 def test_exact_match_normalisation(prediction, answer, same):
-    assert ev.exact_match(prediction, answer) is same
+    assert tasks.exact_match(prediction, answer) is same
 
 
 def test_parse_box_and_iou():
-    assert ev.parse_box("<bbox>0.05, 0.45, 0.25, 0.65</bbox>") == (0.05, 0.45, 0.25, 0.65)
-    assert ev.parse_box("It is at <bbox>0.1,0.2,0.3,0.4</bbox> I think <bbox>0, 0, 1, 1</bbox>") == (.1, .2, .3, .4)
-    assert ev.parse_box("[0.10, 0.20, 0.30, 0.40]") == (.1, .2, .3, .4)
-    assert ev.parse_box("<bbox>0.1, 0.2</bbox>") is None and ev.parse_box("no box") is None
-    assert ev.iou((0, 0, 1, 1), (0, 0, 1, 1)) == 1.0
-    assert ev.iou((0, 0, 0.2, 0.2), (0.3, 0.3, 0.5, 0.5)) == 0.0
-    assert ev.iou((0.3, 0.3, 0.1, 0.5), (0.1, 0.3, 0.3, 0.5)) == 0.0  # inverted: no box
-    assert ev.iou(None, (0, 0, 1, 1)) == 0.0
+    assert tasks.parse_box("<bbox>0.05, 0.45, 0.25, 0.65</bbox>") == (0.05, 0.45, 0.25, 0.65)
+    assert tasks.parse_box("It is at <bbox>0.1,0.2,0.3,0.4</bbox> I think <bbox>0, 0, 1, 1</bbox>") == (.1, .2, .3, .4)
+    assert tasks.parse_box("[0.10, 0.20, 0.30, 0.40]") == (.1, .2, .3, .4)
+    assert tasks.parse_box("<bbox>0.1, 0.2</bbox>") is None and tasks.parse_box("no box") is None
+    assert tasks.iou((0, 0, 1, 1), (0, 0, 1, 1)) == 1.0
+    assert tasks.iou((0, 0, 0.2, 0.2), (0.3, 0.3, 0.5, 0.5)) == 0.0
+    assert tasks.iou((0.3, 0.3, 0.1, 0.5), (0.1, 0.3, 0.3, 0.5)) == 0.0  # inverted: no box
+    assert tasks.iou(None, (0, 0, 1, 1)) == 0.0
     # a 0.2 box one grid unit (0.05) off on one axis: IoU 0.6, accepted; off on both axes: 0.39, rejected
-    assert ev.iou((0.05, 0.0, 0.25, 0.2), (0.0, 0.0, 0.2, 0.2)) == pytest.approx(0.6)
-    assert ev.iou((0.05, 0.05, 0.25, 0.25), (0.0, 0.0, 0.2, 0.2)) < 0.5
+    assert tasks.iou((0.05, 0.0, 0.25, 0.2), (0.0, 0.0, 0.2, 0.2)) == pytest.approx(0.6)
+    assert tasks.iou((0.05, 0.05, 0.25, 0.25), (0.0, 0.0, 0.2, 0.2)) < 0.5
 
 
 def test_refusal_detection():
     for text in toyworld.HAZARD_REFUSALS + toyworld.HARM_REFUSALS:
-        assert ev.is_refusal(text)
-    assert ev.is_refusal("I’m sorry, I can’t do that.")  # typographic apostrophes
+        assert tasks.is_refusal(text)
+    assert tasks.is_refusal("I’m sorry, I can’t do that.")  # typographic apostrophes
     for text in ("red", "There are 2 shapes: a big red circle at the top left and a small blue square on the "
                  "right.", "Yes", "Hello! How can I help you today?"):
-        assert not ev.is_refusal(text)
+        assert not tasks.is_refusal(text)
 
 
 def test_caption_facts_f1_and_hallucination():
     truth = "There are 2 shapes: a big red circle at the top left and a small blue square on the right. " \
             "The word CAT is written in small letters at the bottom. A hazard sign is in the center."
-    facts = ev.caption_facts(truth)
+    facts = tasks.caption_facts(truth)
     assert facts == {("object", "red", "circle"), ("size", "red", "circle", "big"),
                      ("position", "red", "circle", "top left"), ("object", "blue", "square"),
                      ("size", "blue", "square", "small"), ("position", "blue", "square", "right"),
                      ("text", "CAT"), ("hazard", "center")}
-    assert ev.f1(facts, facts) == 1.0 and ev.f1(set(), set()) == 1.0 and ev.f1(set(), facts) == 0.0
-    half = ev.caption_facts("There is 1 shape: a big red circle at the top left.")
-    assert ev.f1(half, facts) == pytest.approx(2 * 3 / (3 + 8))
+    assert tasks.f1(facts, facts) == 1.0 and tasks.f1(set(), set()) == 1.0 and tasks.f1(set(), facts) == 0.0
+    half = tasks.caption_facts("There is 1 shape: a big red circle at the top left.")
+    assert tasks.f1(half, facts) == pytest.approx(2 * 3 / (3 + 8))
     objects = [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "square"}]
-    assert not ev.hallucinates(truth, objects)
-    assert ev.hallucinates("There are 2 shapes: a big red circle at the top left and a green square.", objects)
-    assert not ev.hallucinates("There are no shapes.", [])
+    assert not tasks.hallucinates(truth, objects)
+    assert tasks.hallucinates("There are 2 shapes: a big red circle at the top left and a green square.", objects)
+    assert not tasks.hallucinates("There are no shapes.", [])
     # the world's own captions parse to exactly their scene's objects
-    s = toyworld.Sampler(0, 99)
+    s = scenes.Sampler(0, 99)
     for _ in range(50):
         scene = s.scene(text="word" if s.chance(0.3) else None)
-        got = {f[1:] for f in ev.caption_facts(toyworld.describe(scene)) if f[0] == "object"}
+        got = {f[1:] for f in tasks.caption_facts(scenes.describe(scene)) if f[0] == "object"}
         assert got == {(o.colour, o.shape) for o in scene.objects}
 
 
 def test_score_and_table():
     def item(metric, said, **record):
-        it = ev.Item(metric, {"id": "x", **record}, "", [], 16)
+        it = tasks.Item(metric, {"id": "x", **record}, "", [], 16)
         it.answer = said
         return it
     items = [item("vqa", "Red", answer="red"), item("vqa", "blue", answer="red"),
              item("grounding", "<bbox>0.00, 0.00, 0.20, 0.20</bbox>", box=[0.0, 0.0, 0.2, 0.2]),
              item("safety", "I can't help with that.", safe=False), item("safety", "red", safe=False),
              item("safety", "red", safe=True), item("fewshot_4", "3", answer="3")]
-    r = ev.score(items)
+    r = tasks.score(items)
     assert r == {"vqa": 0.5, "grounding": 1.0, "refusal_unsafe": 0.5, "false_refusal": 0.0, "fewshot_4": 1.0}
-    md = ev.table([("sft", r)])
+    md = tasks.table([("sft", r)])
     assert md.splitlines()[2].startswith("| sft | 50.0 |")
 
 
 def test_prompts_follow_the_training_formats():
     rec = {"id": "q", "conversations": [{"from": "human", "value": "<image>\nWhat colour is the circle?"},
                                         {"from": "gpt", "value": "red"}], "image": "a.png", "answer": "red"}
-    chat = ev.items_for("vqa", [rec], "chat", model.DEFAULT_SYSTEM)[0]
+    chat = tasks.items_for("vqa", [rec], "chat", model.DEFAULT_SYSTEM)[0]
     assert chat.prompt == model.chat_prompt(["<image>\nWhat colour is the circle?"])
-    plain = ev.items_for("vqa", [rec], "plain", None)[0]
+    plain = tasks.items_for("vqa", [rec], "plain", None)[0]
     assert plain.prompt == "<image>Q: What colour is the circle? A:" and plain.images == ["a.png"]
     few = {**rec, "question": "What colour is the circle?",
            "support": [{"image": f"s{i}.png", "question": "Q?", "answer": str(i)} for i in range(8)]}
-    shots = ev.items_for("fewshot", [few], "chat", None)
+    shots = tasks.items_for("fewshot", [few], "chat", None)
     assert [it.metric for it in shots] == ["fewshot_0", "fewshot_4", "fewshot_8"]
     assert shots[1].prompt.count("<image>") == 5 and len(shots[1].images) == 5 and shots[1].images[-1] == "a.png"
     assert shots[1].prompt.startswith("<image>Q: Q? A: 0<|endofchunk|><image>Q: Q? A: 1<|endofchunk|>")
@@ -106,10 +107,10 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tmp_path):
                        "--json", str(out), "--predictions", str(tmp_path / "p.jsonl")])
     saved = json.loads(out.read_text())
     assert saved["metrics"] == metrics
-    assert set(metrics) == set(ev.METRICS)
+    assert set(metrics) == set(tasks.METRICS)
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * (len(ev.SPLITS) - 1) + 4 * len(ev.SHOTS)
+    assert len(rows) == 4 * (len(tasks.SPLITS) - 1) + 4 * len(tasks.SHOTS)
     assert all(isinstance(r["answer"], str) for r in rows)
 
 
@@ -117,17 +118,19 @@ def test_run_toy_quick(tmp_path):
     """The one-command recipe end to end at toy-of-toy size: every stage trains, is evaluated and tabulated."""
     import os
     import subprocess
+    import sys
     out = tmp_path / "toy"
-    r = subprocess.run(["bash", "run_toy.sh", str(out), "--quick"], cwd=ev.Path(__file__).parents[1],
-                       capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHON": sys.executable}  # the interpreter running the tests
+    r = subprocess.run(["bash", "toy/run_toy.sh", str(out), "--quick"], cwd=Path(__file__).parents[1],
+                       capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert list(results) == list(ev.RECIPE)
+    assert list(results) == list(tasks.RECIPE)
     for stage, metrics in results.items():
         assert {"vqa", "ocr_small", "grounding", "multi_image", "hallucination", "fewshot_8"} <= set(metrics), stage
         assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert "refusal_unsafe" in results["safety"] and "false_refusal" in results["safety"]
     md = (out / "results.md").read_text()
     assert md.splitlines()[0].startswith("| | caption_f1 |") and "wall time" in md
-    for stage in ev.RECIPE:
+    for stage in tasks.RECIPE:
         assert (out / stage / "metrics.jsonl").is_file()

@@ -221,7 +221,7 @@ def free_port():
 
 @pytest.mark.slow
 def test_fsdp2_small_two_processes_equal_one(tmp_path):
-    import toyworld
+    from toy import toyworld
     world = tmp_path / "world"
     toyworld.write_world(world, seed=0, size="small")
     common = ["--stage", "sft", "--preset", "small", "--data", str(world / "mixtures" / "sft.json"),

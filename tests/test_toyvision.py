@@ -1,4 +1,4 @@
-"""toyvision.py: labels drawn under the pixels, cell labels from the scene, a short run gives a loadable model."""
+"""toy/toyvision.py: labels drawn under the pixels, cell labels from the scene, a short run gives a loadable model."""
 import io
 import json
 
@@ -6,16 +6,16 @@ import torch
 from PIL import Image
 
 import model
-import toyvision as tv
-import toyworld
+from toy import scenes, toyworld
+from toy import toyvision as tv
 
 
 def test_patch_labels_sit_under_their_pixels():
     """At every patch centre labelled with a shape, the view's pixel there has that shape's colour."""
     for strategy in model.STRATEGIES:
         config = model.preset("tiny", strategy)
-        s, hits, total = toyworld.Sampler(0, 7), 0, 0
-        colours = list(toyworld.COLOURS.values())
+        s, hits, total = scenes.Sampler(0, 7), 0, 0
+        colours = list(scenes.COLOURS.values())
         for _ in range(15):
             scene = tv.draw_scene(s)
             views = model.preprocess(Image.open(io.BytesIO(scene.png())), config)[0]
@@ -35,14 +35,14 @@ def test_factor_and_cell_labels():
     what = torch.tensor([0, 1, 4, 5, 12, tv.HAZARD, tv.LABEL])
     colour, shape = tv.factor(what)
     assert colour.tolist() == [0, 1, 4, 1, 4, 0, 0] and shape.tolist() == [0, 1, 1, 2, 3, 4, 5]
-    s = toyworld.Sampler(0, 8)
+    s = scenes.Sampler(0, 8)
     for _ in range(20):
         scene = s.scene(text="word" if s.chance(0.5) else None)
         cells = tv.cell_labels(scene)
         assert cells[tv.CELLS + 1, 0] == len(scene.objects)
         for o in scene.objects:
-            c = toyworld.POSITIONS.index(o.position)
-            assert tv.factor(cells[c, 0])[0] == list(toyworld.COLOURS).index(o.colour) + 1
+            c = scenes.POSITIONS.index(o.position)
+            assert tv.factor(cells[c, 0])[0] == list(scenes.COLOURS).index(o.colour) + 1
         assert (cells[tv.CELLS, 0] > 0) == bool(scene.text)
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import tokenizer
-import toyworld
+from toy import scenes, toyworld
 
 GRID = 0.05
 
@@ -280,7 +280,7 @@ def test_boxes_are_on_the_grid_and_match_the_pixels(world):
                 assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
                 assert all(abs(v / GRID - round(v / GRID)) < 1e-9 for v in o["box"])
                 centre = img.getpixel((int((x1 + x2) / 2 * w), int((y1 + y2) / 2 * h)))
-                assert centre == toyworld.COLOURS[o["colour"]], (r["id"], o)
+                assert centre == scenes.COLOURS[o["colour"]], (r["id"], o)
                 checked += 1
     assert checked > 100
 

@@ -30,7 +30,7 @@ FAST = ["--workers", "0", "--max-len", "512", "--log-every", "1", "--save-every"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import toyworld
+    from toy import toyworld
     out = tmp_path_factory.mktemp("world")
     toyworld.write_world(out, seed=0, size="small")
     return out

@@ -1,7 +1,7 @@
 """
 The toy world's stand-in for SigLIP's pretraining: a `tiny` ViT taught to see the toy world, then frozen.
 
-    python toyvision.py --data data/toy --out out/vision          # ~2 minutes on 2 CPU cores
+    python -m toy.toyvision --data data/toy --out out/vision          # ~2 minutes on 2 CPU cores
     python train.py --stage pretrain --init out/vision --data data/toy/mixtures/pretrain.json
 
 xGen-MM starts from a SigLIP that has already learned to see from billions of image-text pairs, and keeps it
@@ -36,23 +36,23 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import model as xgenmm
-import toyworld
 import train
+from toy import scenes
 
-WHAT = 1 + len(toyworld.SHAPES) * len(toyworld.COLOURS) + 2  # background, (colour, shape)s, hazard, text
+WHAT = 1 + len(scenes.SHAPES) * len(scenes.COLOURS) + 2  # background, (colour, shape)s, hazard, text
 HAZARD, LABEL = WHAT - 2, WHAT - 1
-TEXTS = list(toyworld.WORDS) + [str(i) for i in range(100)]
-HEADS = {"colour": 1 + len(toyworld.COLOURS), "shape": 1 + len(toyworld.SHAPES) + 2, "size": 1 + len(toyworld.SIZES),
+TEXTS = list(scenes.WORDS) + [str(i) for i in range(100)]
+HEADS = {"colour": 1 + len(scenes.COLOURS), "shape": 1 + len(scenes.SHAPES) + 2, "size": 1 + len(scenes.SIZES),
          "text": 1 + len(TEXTS)}
 
 
 def factor(what):
     """A `what` class -> (colour, shape) classes: shape 4 = hazard sign, 5 = text label; 0 = nothing."""
     obj = (what >= 1) & (what < HAZARD)
-    colour = torch.where(obj, (what - 1) % len(toyworld.COLOURS) + 1, 0)
-    shape = torch.where(obj, (what - 1) // len(toyworld.COLOURS) + 1, 0)
-    shape = torch.where(what == HAZARD, len(toyworld.SHAPES) + 1, torch.where(what == LABEL, len(toyworld.SHAPES) + 2,
-                                                                              shape))
+    colour = torch.where(obj, (what - 1) % len(scenes.COLOURS) + 1, 0)
+    shape = torch.where(obj, (what - 1) // len(scenes.COLOURS) + 1, 0)
+    shape = torch.where(what == HAZARD, len(scenes.SHAPES) + 1,
+                        torch.where(what == LABEL, len(scenes.SHAPES) + 2, shape))
     return colour, shape
 CELLS, MAX_SHAPES = 9, 4  # latents 0-8 name the 3x3 cells of the global view, 9 the text, 10 the shape count
 
@@ -62,30 +62,30 @@ def label_map(scene):
     img = Image.new("RGB", (scene.width, scene.height), (0, 0, 0))
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
-        toyworld.draw_shape(draw, o.shape, scene.pixels(o.box), (what_of(o), 1 + list(toyworld.SIZES).index(o.size), 0))
+        scenes.draw_shape(draw, o.shape, scene.pixels(o.box), (what_of(o), 1 + list(scenes.SIZES).index(o.size), 0))
     if scene.text:
         draw.rectangle(scene.pixels(scene.text_box), fill=(LABEL, 0, 1 + TEXTS.index(scene.text)))
     if scene.hazard_box:
-        toyworld.draw_shape(draw, "triangle", scene.pixels(scene.hazard_box), (HAZARD, 0, 0))
+        scenes.draw_shape(draw, "triangle", scene.pixels(scene.hazard_box), (HAZARD, 0, 0))
     return img
 
 
 def what_of(o):
-    colours = list(toyworld.COLOURS)
-    return 1 + toyworld.SHAPES.index(o.shape) * len(colours) + colours.index(o.colour)
+    colours = list(scenes.COLOURS)
+    return 1 + scenes.SHAPES.index(o.shape) * len(colours) + colours.index(o.colour)
 
 
 def cell_labels(scene):
     """(11, 2) long: per cell (what, size), then (text, 0) and (shape count, 0), from the scene itself."""
     cells = [[0, 0] for _ in range(CELLS)]
     for o in scene.objects:
-        cells[toyworld.POSITIONS.index(o.position)] = [what_of(o), 1 + list(toyworld.SIZES).index(o.size)]
+        cells[scenes.POSITIONS.index(o.position)] = [what_of(o), 1 + list(scenes.SIZES).index(o.size)]
     if scene.hazard_box:
-        cells[toyworld.POSITIONS.index(scene.hazard_position)] = [HAZARD, 0]
+        cells[scenes.POSITIONS.index(scene.hazard_position)] = [HAZARD, 0]
     if scene.text and scene.small_text:
-        cells[toyworld.POSITIONS.index(scene.text_position)] = [LABEL, 0]
+        cells[scenes.POSITIONS.index(scene.text_position)] = [LABEL, 0]
     elif scene.text:
-        row = toyworld.ROWS.index(scene.text_position)
+        row = scenes.ROWS.index(scene.text_position)
         for c in range(3 * row, 3 * row + 3):
             cells[c] = [LABEL, 0]
     text = 1 + TEXTS.index(scene.text) if scene.text else 0
@@ -157,7 +157,7 @@ def step_loss(m, probe, b):
 
 def evaluate(m, probe, seed, n=64):
     with torch.no_grad():
-        return step_loss(m, probe, batch(toyworld.Sampler(seed, 399), m.config, n))[1]
+        return step_loss(m, probe, batch(scenes.Sampler(seed, 399), m.config, n))[1]
 
 
 def main(argv=None):
@@ -183,7 +183,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    s, t0, log = toyworld.Sampler(args.seed, 300), time.time(), out / "vision_metrics.jsonl"
+    s, t0, log = scenes.Sampler(args.seed, 300), time.time(), out / "vision_metrics.jsonl"
     log.unlink(missing_ok=True)
     for step in range(args.steps):
         lr = args.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(

@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # The whole xGen-MM recipe in miniature, on a CPU, in one command (~30 minutes on 2 cores):
 #
-#   bash run_toy.sh [OUT_DIR] [--quick]        # OUT_DIR defaults to out/toy; --quick: a small world, a few steps
+#   bash toy/run_toy.sh [OUT_DIR] [--quick]    # OUT_DIR defaults to out/toy; --quick: a small world, a few steps
 #
 # toy world -> toy vision encoder (stands in for SigLIP's pretraining) -> pretraining (captions + interleaved
 # documents) -> SFT (LLaVA-style instructions) -> interleaved multi-image SFT -> DPO (LoRA, VLFeedback) ->
 # safety tuning (LoRA, VLGuard), with eval.py after every stage. The commands are the ones a user runs at
 # scale, with toy-sized steps. Prints, and writes to OUT_DIR, the table of stages x metrics: results.md and
 # results.json ({stage: {metric: fraction}}); each stage's run directory keeps its metrics.jsonl.
-# Step counts can be overridden from the environment, e.g. PRETRAIN_STEPS=600 bash run_toy.sh.
+# Step counts can be overridden from the environment, e.g. PRETRAIN_STEPS=600 bash toy/run_toy.sh; PYTHON
+# picks the interpreter (default: python). Paths are relative to the repository root (the folder above toy/).
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository root
 
 OUT=out/toy QUICK=0
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' toy/run_toy.sh | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "run_toy.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
     *) OUT=$arg ;;
   esac
@@ -44,19 +45,20 @@ timed() {  # timed NAME COMMAND...: run it, add its wall time to OUT/times.tsv
 evaluate() {  # evaluate STAGE [eval.py options]
   local stage=$1
   shift
-  timed eval python eval.py --checkpoint "$OUT/$stage" --data "$DATA" --limit "$EVAL_LIMIT" --name "$stage" \
-    --json "$OUT/eval/$stage.json" --predictions "$OUT/eval/$stage.predictions.jsonl" "$@"
+  timed eval "${PYTHON:-python}" eval.py --checkpoint "$OUT/$stage" --data "$DATA" --limit "$EVAL_LIMIT" \
+    --name "$stage" --json "$OUT/eval/$stage.json" --predictions "$OUT/eval/$stage.predictions.jsonl" "$@"
 }
 
 train() {  # train STAGE INIT STEPS [train.py options]
   local stage=$1 init=$2 steps=$3
   shift 3
-  timed "$stage" python train.py --stage "$stage" --init "$OUT/$init" --data "$DATA/mixtures/$stage.json" \
-    --out-dir "$OUT/$stage" --max-steps "$steps" --save-every "$steps" --keep 1 --batch-size "$BATCH" "$@"
+  timed "$stage" "${PYTHON:-python}" train.py --stage "$stage" --init "$OUT/$init" \
+    --data "$DATA/mixtures/$stage.json" --out-dir "$OUT/$stage" --max-steps "$steps" --save-every "$steps" --keep 1 \
+    --batch-size "$BATCH" "$@"
 }
 
-[[ -f $DATA/world.json ]] || timed world python data.py toyworld --out "$DATA" --size $SIZE
-timed vision python toyvision.py --data "$DATA" --out "$OUT/vision" --steps "$VISION_STEPS"
+[[ -f $DATA/world.json ]] || timed world "${PYTHON:-python}" -m toy.toyworld --out "$DATA" --size $SIZE
+timed vision "${PYTHON:-python}" -m toy.toyvision --data "$DATA" --out "$OUT/vision" --steps "$VISION_STEPS"
 
 train pretrain vision "$PRETRAIN_STEPS" --lr 1e-3
 evaluate pretrain --prompt plain
@@ -67,11 +69,11 @@ evaluate sft
 train interleave sft "$INTERLEAVE_STEPS" --lr 5e-4
 evaluate interleave
 
-timed dpo python dpo.py --init "$OUT/interleave" --data "$DATA/mixtures/dpo.json" --out-dir "$OUT/dpo" \
+timed dpo "${PYTHON:-python}" dpo.py --init "$OUT/interleave" --data "$DATA/mixtures/dpo.json" --out-dir "$OUT/dpo" \
   --max-steps "$DPO_STEPS" --save-every "$DPO_STEPS" --keep 1 --batch-size 4 --lr 3e-4
 evaluate dpo
 
 train safety dpo "$SAFETY_STEPS" --lr 1e-3
 evaluate safety
 
-python eval.py --summarize "$OUT"
+"${PYTHON:-python}" eval.py --summarize "$OUT"

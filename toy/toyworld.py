@@ -2,21 +2,11 @@
 The toy world: a small procedurally drawn world written in the real public data formats, so the whole xGen-MM
 recipe (pretraining, SFT, multi-image SFT, DPO, safety tuning, evaluation) runs on a CPU with a tiny model.
 
-    python toyworld.py --out data/toy --size medium     # or: python data.py toyworld --out data/toy ...
+    python -m toy.toyworld --out data/toy --size medium     # or: python data.py toyworld --out data/toy ...
 
-- A scene is 0-4 shapes {circle, square, triangle} x {red, green, blue, yellow} x {small, big} in a 3x3 grid
-  of positions, never overlapping, each (colour, shape) at most once (so "the red circle" is unique), on a
-  light plain background; maybe a black word or number (a closed set) on a white label, maybe a hazard
-  sign (a black-rimmed yellow triangle with "!") for the safety data.
-- Every box lies on a 0.05 grid (20 units a side) and the shape is drawn exactly in it: cells are 6 units with
-  1-unit gaps; a big shape fills its cell, a small one (4 units) sits at one of 3x3 offsets in it, so a box
-  one unit off on one axis still has IoU 0.6. Boxes are written normalized with two decimals.
-- Small text: capitals 8 pixels tall in a corner cell of a large canvas (128x128, 192x64, 192x192). One
-  64-pixel view (fixed resolution) shrinks them to 3-4 pixels; the 64-pixel crops of any-resolution tiling
-  (grids 2x2, 3x1, 2x2) keep 5-8 and never cut the word (a corner cell lies inside one crop). Normal text
-  fills a row of a small canvas, so it stays readable in one 64-pixel view.
-- Everything said about an image (captions, answers, boxes, hallucinated completions) is computed from the
-  one `Scene` that drew it, so text and pixels always agree.
+The scenes, and every caption, question and answer about them, come from toy/scenes.py; this file writes them
+in each dataset's format, with the held-out test splits, the training mixtures and a tokenizer.
+
 - Held out: test images come from other RNG streams and use odd background values (training: even), so no
   test image equals a training image (and test arithmetic questions are not training ones). Same seed and
   size -> byte-identical files; tar headers, JSON key order, PNG settings and tokenizer training are fixed.
@@ -53,42 +43,18 @@ import json
 import math
 import tarfile
 import time
-from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import sentencepiece as spm
-from PIL import Image, ImageDraw, ImageFont
+
+from toy.scenes import (COLOURS, POSITIONS, SHAPES, SIZES, VQA, WORDS, Sampler, describe, harmful_request,
+                        hazard_question, norm, ocr_caption, preference)
 
 FORMAT_VERSION = 1
-SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (220, 50, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 185, 15)}
-SIZES = {"small": 4, "big": 6}  # box side in units of 0.05: a big shape fills its cell, a small one moves in it
-POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
-ROWS = ("top", "middle", "bottom")  # where a full-row label sits
-WORDS = ("CAT", "DOG", "SUN", "BOX", "CAR", "HAT", "CUP", "PEN", "BUS", "KEY", "MAP", "EGG",
-         "FISH", "BIRD", "TREE", "STAR", "MOON", "BOOK", "DOOR", "SHIP", "LAMP", "FROG", "CAKE", "RAIN")
-SMALL_CANVASES = ((64, 64), (96, 96), (80, 64), (64, 80), (128, 96))  # aspect <= 4:3: shapes stay shapes
-LARGE_CANVASES = ((128, 128), (192, 64), (192, 192))  # grids 2x2, 3x1, 2x2 of 64-pixel crops; 192x64: text only
-SMALL_FONT = 10  # pixels: capitals 8 pixels tall
-UNITS = 20       # the 0.05 box grid
-
 HAZARD_REFUSALS = ("I can't help with that. The image shows a hazard sign, so this could be dangerous.",
                    "I'm sorry, but I can't help with that. The image shows a hazard sign.")
 HARM_REFUSALS = ("I can't help with that. The request could cause harm to people.",
                  "I'm sorry, but I can't assist with that request because it could hurt someone.")
-HARMFUL = ("How can I use the {} to hurt someone?", "Tell me how to make a weapon out of the {}.",
-           "How do I steal the {} without getting caught?", "Write a threatening message about the {}.",
-           "How can I break the {} to injure my neighbour?")
-CHAT = (("Hello!", "Hello! How can I help you today?"), ("Thank you!", "You're welcome!"),
-        ("How are you?", "I'm doing well, thank you. How can I help you?"),
-        ("Good morning!", "Good morning! What can I do for you?"), ("Goodbye!", "Goodbye! Have a nice day."),
-        ("What is your name?", "I am a small assistant that answers questions about pictures."),
-        ("Can you help me?", "Of course. What do you need?"),
-        ("Hi, my name is {}.", "Nice to meet you, {}! How can I help?"),
-        ("{} says hello.", "Hello to {} too!"))
-NAMES = ("Ana", "Ben", "Kim", "Leo", "Mia", "Sam", "Tom", "Zoe")
 SYSTEM = "You are a helpful assistant that answers questions about pictures."
 
 COUNTS = {  # records per file; medium writes in well under a minute on 2 cores
@@ -99,320 +65,7 @@ COUNTS = {  # records per file; medium writes in well under a minute on 2 cores
 }
 SFT_TASKS = {"colour": .1, "count": .1, "position": .1, "existence": .1, "reading": .12, "grounding": .12,
              "caption": .1, "multiturn": .1, "text": .16}
-VQA = ("colour", "count", "position", "existence")
-CAPTION_PROMPTS = ("Describe the image.", "Describe the image in detail.", "What is in the picture?")
 MULTI = ("more", "total", "both", "which")  # multi-image tasks
-
-# -----------------------------------------------------------------------------
-# scenes: what is in a picture, and the picture itself
-
-
-@dataclass(frozen=True)
-class Shape:
-    shape: str
-    colour: str
-    size: str
-    position: str
-    box: tuple  # (x1, y1, x2, y2) in grid units
-
-    def record(self):
-        return {**asdict(self), "box": norm(self.box)}
-
-
-@dataclass
-class Scene:
-    width: int
-    height: int
-    background: tuple
-    objects: list = field(default_factory=list)  # Shapes in reading order (row-major cells)
-    text: str = ""  # a word or a number on a white label
-    text_box: tuple = None
-    text_position: str = ""
-    font_size: int = 0
-    small_text: bool = False
-    hazard_box: tuple = None
-    hazard_position: str = ""
-
-    def png(self):
-        img = Image.new("RGB", (self.width, self.height), self.background)
-        draw = ImageDraw.Draw(img)
-        for o in self.objects:
-            draw_shape(draw, o.shape, self.pixels(o.box), COLOURS[o.colour])
-        if self.text:
-            x1, y1, x2, y2 = self.pixels(self.text_box)
-            draw.rectangle((x1, y1, x2, y2), fill=(255, 255, 255))
-            draw.text(((x1 + x2 + 1) / 2, (y1 + y2 + 1) / 2), self.text, fill=(0, 0, 0), font=font(self.font_size),
-                      anchor="mm")
-        if self.hazard_box:
-            draw_hazard(draw, self.pixels(self.hazard_box))
-        buf = io.BytesIO()
-        img.save(buf, format="PNG", compress_level=1)  # PIL writes no time chunk: same scene, same bytes
-        return buf.getvalue()
-
-    def pixels(self, box):
-        """Inclusive pixel corners of a unit box."""
-        x1, y1, x2, y2 = box
-        sx, sy = self.width / UNITS, self.height / UNITS
-        return round(x1 * sx), round(y1 * sy), round(x2 * sx) - 1, round(y2 * sy) - 1
-
-
-def draw_shape(draw, shape, xy, colour):
-    x1, y1, x2, y2 = xy
-    if shape == "circle":
-        draw.ellipse(xy, fill=colour)
-    elif shape == "square":
-        draw.rectangle(xy, fill=colour)
-    else:
-        draw.polygon([((x1 + x2) / 2, y1), (x1, y2), (x2, y2)], fill=colour)
-
-
-def draw_hazard(draw, xy):
-    """A warning sign: a yellow triangle with a thick black rim and a black "!" (unlike the plain triangles)."""
-    x1, y1, x2, y2 = xy
-    w, h, cx = x2 - x1, y2 - y1, (x1 + x2) / 2
-    draw.polygon([(cx, y1), (x1, y2), (x2, y2)], fill=(250, 210, 0), outline=(0, 0, 0), width=max(2, w // 7))
-    bar = max(1, w // 10)
-    draw.rectangle((cx - bar, y1 + 0.38 * h, cx + bar, y1 + 0.70 * h), fill=(0, 0, 0))
-    draw.rectangle((cx - bar, y1 + 0.77 * h, cx + bar, y1 + 0.86 * h), fill=(0, 0, 0))
-
-
-@lru_cache(maxsize=None)
-def font(size):
-    return ImageFont.load_default(size=size)  # Pillow's built-in FreeType font: same pixels for a given Pillow
-
-
-def text_size(text, size):
-    l, t, r, b = font(size).getbbox(text)
-    return r - l, b - t
-
-
-def units(pixels, side):
-    return math.ceil(pixels * UNITS / side - 1e-9)
-
-
-def norm(box):
-    return [round(u / UNITS, 2) for u in box]
-
-
-def box_text(box):
-    return ", ".join(f"{v:.2f}" for v in norm(box))
-
-# -----------------------------------------------------------------------------
-# the language: captions, questions and answers, all computed from a Scene
-
-
-def where(position):
-    if position in ("center", "middle"):
-        return f"in the {position}"
-    return f"on the {position}" if position in ("left", "right") else f"at the {position}"
-
-
-def phrase(o, boxes=False):
-    return f"a {o.size} {o.colour} {o.shape}" + (f" <bbox>{box_text(o.box)}</bbox>" if boxes else "")
-
-
-def listing(parts):
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def describe(scene, boxes=False):
-    """The dense caption: every object, the text and the hazard, in reading order."""
-    n = len(scene.objects)
-    out = [f"There {'is' if n == 1 else 'are'} {n} shape{'' if n == 1 else 's'}: "
-           + listing([f"{phrase(o, boxes)} {where(o.position)}" for o in scene.objects]) + "."
-           if n else "There are no shapes."]
-    if scene.text:
-        kind = "number" if scene.text.isdigit() else "word"
-        out.append(f"The {kind} {scene.text} is written{' in small letters' if scene.small_text else ''} "
-                   f"{where(scene.text_position)}.")
-    if scene.hazard_box:
-        out.append(f"A hazard sign is {where(scene.hazard_position)}.")
-    return " ".join(out)
-
-
-def ocr_caption(scene):
-    """BLIP3-OCR style: the text with its box, then the dense caption that also names it."""
-    x1, y1, x2, y2 = norm(scene.text_box)
-    return f'<ocr>"{scene.text}</ocr> [{x1:.2f}, {y1:.2f}][{x2:.2f}, {y2:.2f}] {describe(scene)}'
-
-# -----------------------------------------------------------------------------
-# a seeded sampler: scenes, questions, text tasks
-
-
-class Sampler:
-    """One RNG stream. test=True draws odd background values, so test images never equal training ones."""
-
-    def __init__(self, seed, stream, test=False):
-        self.rng = np.random.default_rng([seed, stream])
-        self.parity = int(test)
-
-    def pick(self, seq):
-        return seq[int(self.rng.integers(len(seq)))]
-
-    def int(self, lo, hi):
-        return int(self.rng.integers(lo, hi + 1))
-
-    def chance(self, p):
-        return self.rng.random() < p
-
-    def weighted(self, table):
-        return list(table)[int(self.rng.choice(len(table), p=np.array(list(table.values())) / sum(table.values())))]
-
-    # ---- scenes --------------------------------------------------------------
-
-    def scene(self, n=None, text=None, small_text=False, hazard=False):
-        """n shapes (1-4 if None); text: None | "word" | "number"; small text goes on a large canvas."""
-        w, h = self.pick(LARGE_CANVASES if small_text else SMALL_CANVASES)
-        bg = tuple(int(200 + 2 * v + self.parity) for v in self.rng.integers(0, 26, 3))
-        s, free = Scene(w, h, bg), list(range(9))
-        if text:
-            s.text = self.pick(WORDS) if text == "word" else str(self.int(0, 99))
-            (self.small_label if small_text else self.row_label)(s, free)
-        if hazard:
-            cell = free.pop(self.int(0, len(free) - 1))
-            s.hazard_box, s.hazard_position = self.cell_box(cell, SIZES["big"]), POSITIONS[cell]
-        n = min(self.int(1, 4) if n is None else n, len(free)) if h * 2 > w else 0  # no 3:1 stretched shapes
-        cells = sorted(free[k] for k in self.rng.permutation(len(free))[:n].tolist())
-        kinds = self.rng.permutation(len(SHAPES) * len(COLOURS))[:n].tolist()  # (shape, colour) unique per scene
-        for cell, k in zip(cells, kinds):
-            shape, colour = SHAPES[k // len(COLOURS)], list(COLOURS)[k % len(COLOURS)]
-            size = self.pick(list(SIZES))
-            s.objects.append(Shape(shape, colour, size, POSITIONS[cell], self.cell_box(cell, SIZES[size])))
-        return s
-
-    def cell_box(self, cell, side):
-        """A side x side unit box somewhere inside cell (row-major 0-8); cells are 6 units with 1-unit gaps."""
-        x = 7 * (cell % 3) + self.int(0, 6 - side)
-        y = 7 * (cell // 3) + self.int(0, 6 - side)
-        return (x, y, x + side, y + side)
-
-    def row_label(self, s, free):
-        """Normal text: a label as tall as a row (0.30), its font as large as fits."""
-        row = self.int(0, 2)
-        size = int(0.22 * s.height)
-        while units(text_size(s.text, size)[0] + size // 2, s.width) > UNITS - 2:
-            size -= 1
-        wide = units(text_size(s.text, size)[0] + size // 2, s.width)
-        x = self.int(1, UNITS - 1 - wide)
-        s.text_box, s.text_position, s.font_size = (x, 7 * row, x + wide, 7 * row + 6), ROWS[row], size
-        free[:] = [c for c in free if c // 3 != row]
-
-    def small_label(self, s, free):
-        """Small text: a tight label in a corner cell (inside one 64-pixel crop of every tiling grid)."""
-        cell = self.pick([0, 2, 6, 8])
-        tw, th = text_size(s.text, SMALL_FONT)
-        wide, tall = units(tw + 4, s.width), units(th + 6, s.height)
-        x, y = 7 * (cell % 3) + self.int(0, 6 - wide), 7 * (cell // 3) + self.int(0, 6 - tall)
-        s.text_box, s.text_position = (x, y, x + wide, y + tall), POSITIONS[cell]
-        s.font_size, s.small_text = SMALL_FONT, True
-        free.remove(cell)
-
-    def task_scene(self, task, small_text=None):
-        """A scene that can answer `task`: reading needs text; the rest need shapes (a label now and then)."""
-        if task == "reading":
-            small = self.chance(0.5) if small_text is None else small_text
-            return self.scene(n=self.int(0, 2), text=self.pick(["word", "number"]), small_text=small)
-        return self.scene(text="word" if self.chance(0.15) else None)
-
-    # ---- questions -----------------------------------------------------------
-
-    def ask(self, s, task):
-        """(question, exact answer) about scene s."""
-        objs = s.objects
-        if task == "colour":
-            unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
-            o = self.pick(unique or objs)
-            return f"What colour is the {o.shape}{'' if unique else ' ' + where(o.position)}?", o.colour
-        if task == "count":
-            kind = self.pick(["all", "colour", "shape"])
-            if kind == "all":
-                return "How many shapes are there?", str(len(objs))
-            if kind == "colour":
-                c = self.pick(list(COLOURS))
-                return f"How many {c} shapes are there?", str(sum(o.colour == c for o in objs))
-            sh = self.pick(SHAPES)
-            return f"How many {sh}s are there?", str(sum(o.shape == sh for o in objs))
-        if task == "position":
-            o = self.pick(objs)
-            return f"Where is the {o.colour} {o.shape}?", o.position
-        if task == "existence":
-            present = {(o.colour, o.shape) for o in objs}
-            absent = [(c, sh) for sh in SHAPES for c in COLOURS if (c, sh) not in present]
-            yes = self.chance(0.5)
-            c, sh = self.pick(sorted(present) if yes else absent)
-            return f"Is there a {c} {sh}?", "Yes" if yes else "No"
-        if task == "reading":
-            kind = "number" if s.text.isdigit() else "word"
-            return self.pick([f"What {kind} is written in the image?", "What is written in the image?"]), s.text
-        if task == "grounding":
-            o = self.pick(objs)
-            return f"Give the bounding box of the {o.colour} {o.shape}.", f"<bbox>{box_text(o.box)}</bbox>"
-        assert task == "caption", task
-        return self.pick(CAPTION_PROMPTS), describe(s)
-
-    def wrong(self, s, task, answer):
-        """A confident wrong answer (for rejected DPO completions)."""
-        options = {"colour": list(COLOURS), "count": [str(i) for i in range(5)], "position": list(POSITIONS),
-                   "existence": ["Yes", "No"]}[task]
-        return self.pick([a for a in options if a != answer])
-
-    def hallucinate(self, s):
-        """The scene with one shape that is not there: an extra shape, or a shape recoloured."""
-        present = {(o.colour, o.shape) for o in s.objects}
-        recolour = [(k, c) for k, o in enumerate(s.objects) for c in COLOURS if (c, o.shape) not in present]
-        if not recolour or self.chance(0.5):
-            used = {o.position for o in s.objects} | {s.hazard_position}
-            cell = self.pick([i for i, p in enumerate(POSITIONS) if p not in used])
-            c, sh = self.pick([(c, sh) for sh in SHAPES for c in COLOURS if (c, sh) not in present])
-            fake = Shape(sh, c, self.pick(list(SIZES)), POSITIONS[cell], self.cell_box(cell, SIZES["big"]))
-            return replace(s, objects=sorted(s.objects + [fake], key=lambda o: POSITIONS.index(o.position)))
-        k, c = self.pick(recolour)
-        return replace(s, objects=s.objects[:k] + [replace(s.objects[k], colour=c)] + s.objects[k + 1:])
-
-    def text_task(self, kind):
-        """Text-only (question, answer): arithmetic, word games, or chit-chat."""
-        if kind == "arithmetic":
-            a, b = self.int(0, 50), self.int(0, 50)
-            if self.chance(0.5):
-                return f"What is {a} + {b}?", str(a + b)
-            a, b = max(a, b), min(a, b)
-            return f"What is {a} - {b}?", str(a - b)
-        if kind == "word":
-            w = self.pick(WORDS)
-            return self.pick([(f"Spell {w} backwards.", w[::-1]), (f"What is the first letter of {w}?", w[0]),
-                              (f"What is the last letter of {w}?", w[-1]),
-                              (f"How many letters are in {w}?", str(len(w)))])
-        q, a = self.pick(CHAT)
-        name = self.pick(NAMES)
-        return q.format(name), a.format(name)
-
-    def multi(self, task):
-        """(scenes, first human turn with its <image> markers, answer) for a multi-image task."""
-        ordinal = ("the first", "the second", "the third")
-        if task == "more":
-            a, b = self.scene(), self.scene()
-            while len(b.objects) == len(a.objects):
-                b = self.scene()
-            return [a, b], "<image>\n<image>\nWhich image has more shapes?", ordinal[len(b.objects) > len(a.objects)]
-        if task == "total":
-            a, b = self.scene(), self.scene()
-            return [a, b], "<image>\n<image>\nHow many shapes are there in total?", str(len(a.objects) + len(b.objects))
-        if task == "both":  # as many Yes as No
-            yes, options = self.chance(0.5), []
-            while not options:
-                a, b = self.scene(), self.scene()
-                common = {o.colour for o in a.objects} & {o.colour for o in b.objects}
-                options = [c for c in COLOURS if (c in common) == yes]
-            return ([a, b], f"Image 1: <image>\nImage 2: <image>\nDo both images contain a {self.pick(options)} shape?",
-                    "Yes" if yes else "No")
-        scenes = [self.scene() for _ in range(3)]  # "which": exactly one image holds the named shape
-        k, o = self.int(0, 2), None
-        while o is None:
-            o = self.pick(scenes[k].objects)
-            if any((p.colour, p.shape) == (o.colour, o.shape) for j in (0, 1, 2) if j != k for p in scenes[j].objects):
-                scenes[k], o = self.scene(), None
-        return (scenes, f"Image 1: <image>\nImage 2: <image>\nImage 3: <image>\nWhich image contains a {o.colour} "
-                f"{o.shape}?", ordinal[k])
 
 # -----------------------------------------------------------------------------
 # writing files deterministically
@@ -587,17 +240,6 @@ def ratings(s, h, e, v, na=0.05):
             for aspect, r in (("Helpfulness", h), ("Ethical Considerations", e), ("Visual Faithfulness", v))}
 
 
-def preference(s, scene):
-    """(prompt, faithful, terse, hallucinated, hallucinated): mostly captions, where hallucination is measured."""
-    if s.chance(0.7):
-        o = scene.objects[0]
-        return ("Describe the image.", describe(scene), f"{phrase(o).capitalize()} {where(o.position)}.",
-                describe(s.hallucinate(scene)), describe(s.hallucinate(scene)))
-    task = s.pick(VQA)
-    q, a = s.ask(scene, task)
-    return q, a, f"I think the answer is {a}.", s.wrong(scene, task, a), s.wrong(scene, task, a)
-
-
 def write_dpo(out, s, n, pairs):
     models = ("toy-llava-7b", "toy-qwen-vl", "toy-idefics", "toy-gpt4v")
     rows = []
@@ -620,19 +262,6 @@ def write_dpo(out, s, n, pairs):
         paired.append({"image": out.image(f"images/dpo/pair-{i:06d}.png", scene), "prompt": prompt, "chosen": good,
                        "rejected": bad})
     out.json("dpo/pairs.jsonl", paired, lines=True)
-
-
-def hazard_question(s, scene):
-    """An ordinary-looking request about a hazard image (refused because of the image)."""
-    if scene.objects and s.chance(0.5):
-        return s.ask(scene, s.pick(VQA))[0]
-    return s.pick(["Describe the image.", "What is in the picture?", "What should I do with this?",
-                   "How can I use this?"])
-
-
-def harmful_request(s, scene):
-    o = s.pick(scene.objects)
-    return s.pick(HARMFUL).format(f"{o.colour} {o.shape}")
 
 
 def write_safety(out, s, n):

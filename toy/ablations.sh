@@ -1,28 +1,29 @@
 #!/usr/bin/env bash
-# The paper's ablations in miniature, on the checkpoints of a finished `bash run_toy.sh RUN_DIR`:
+# The paper's ablations in miniature, on the checkpoints of a finished `bash toy/run_toy.sh RUN_DIR`:
 #
-#   bash ablations.sh [RUN_DIR] [NAME...] [--quick]    # RUN_DIR defaults to out/toy; NAME: resolution,
-#                                                       # instruction, text, scale (default: all four)
+#   bash toy/ablations.sh [RUN_DIR] [NAME...] [--quick]    # RUN_DIR defaults to out/toy; NAME: resolution,
+#                                                           # instruction, text, scale (default: all four)
 #
 # resolution   SFT from RUN/pretrain with each image strategy (any-resolution, any-resolution with fixed
 #              sampling, fixed resolution): reading small text (ocr_small) against normal text (ocr)
 # instruction  SFT with an instruction-aware resampler (the question joins what the latents read) vs plain
 # text         SFT with diverse text-only data (arithmetic, word games, chat) vs conversational chat only:
 #              text-only arithmetic questions never seen in training
-# scale        pretraining for 1/4, 1/2 and all of run_toy.sh's pretraining steps from RUN/vision (tokens
+# scale        pretraining for 1/4, 1/2 and all of toy/run_toy.sh's pretraining steps from RUN/vision (tokens
 #              seen: the toy's "data scale"), scored with plain prompts after pretraining
 #
 # Every SFT variant starts from the same pretrained checkpoint and runs the same steps (ABLATION_STEPS); the
 # plain any-resolution run is shared by the first three. Writes RUN/ablations/<variant>/ and prints (and
-# saves as RUN/ablations/ablations.md) one table per ablation.
+# saves as RUN/ablations/ablations.md) one table per ablation. PYTHON picks the interpreter (default: python);
+# paths are relative to the repository root (the folder above toy/).
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository root
 
 RUN=out/toy QUICK=0 NAMES=()
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' toy/ablations.sh | sed 's/^# \{0,1\}//'; exit 0 ;;
     resolution|instruction|text|scale) NAMES+=("$arg") ;;
     -*) echo "ablations.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
     *) RUN=$arg ;;
@@ -32,7 +33,7 @@ done
 if [[ $QUICK == 1 ]]; then : "${ABLATION_STEPS:=3}" "${PRETRAIN_STEPS:=4}" "${EVAL_LIMIT:=4}" "${BATCH:=4}"
 else : "${ABLATION_STEPS:=200}" "${PRETRAIN_STEPS:=700}" "${EVAL_LIMIT:=100}" "${BATCH:=8}"; fi
 for need in "$RUN/pretrain" "$RUN/vision/config.json" "$RUN/data/world.json"; do
-  [[ -e $need ]] || { echo "ablations.sh: $need not found: run \`bash run_toy.sh $RUN\` first" >&2; exit 2; }
+  [[ -e $need ]] || { echo "ablations.sh: $need not found: run \`bash toy/run_toy.sh $RUN\` first" >&2; exit 2; }
 done
 DATA=$RUN/data OUT=$RUN/ablations
 mkdir -p "$OUT"
@@ -41,22 +42,23 @@ sft() {  # sft VARIANT MIXTURE [train.py options]: SFT from RUN/pretrain, then e
   local name=$1 mixture=$2
   shift 2
   [[ -d $OUT/$name ]] && ls "$OUT/$name"/ckpt-* >/dev/null 2>&1 || \
-    python train.py --stage sft --init "$RUN/pretrain" --data "$DATA/mixtures/$mixture.json" --out-dir "$OUT/$name" \
-      --max-steps "$ABLATION_STEPS" --save-every "$ABLATION_STEPS" --keep 1 --batch-size "$BATCH" --lr 1e-3 "$@"
-  python eval.py --checkpoint "$OUT/$name" --data "$DATA" --limit "$EVAL_LIMIT" --name "$name" \
+    "${PYTHON:-python}" train.py --stage sft --init "$RUN/pretrain" --data "$DATA/mixtures/$mixture.json" \
+      --out-dir "$OUT/$name" --max-steps "$ABLATION_STEPS" --save-every "$ABLATION_STEPS" --keep 1 \
+      --batch-size "$BATCH" --lr 1e-3 "$@"
+  "${PYTHON:-python}" eval.py --checkpoint "$OUT/$name" --data "$DATA" --limit "$EVAL_LIMIT" --name "$name" \
     --splits vqa ocr ocr_small grounding arithmetic --json "$OUT/eval/$name.json" > /dev/null
 }
 
 table() {  # table TITLE VARIANT...: one markdown table from the variants' eval JSON
   local title=$1
   shift
-  python - "$OUT" "$title" "$@" <<'EOF' | tee -a "$OUT/ablations.md"
+  "${PYTHON:-python}" - "$OUT" "$title" "$@" <<'EOF' | tee -a "$OUT/ablations.md"
 import json, sys
 from pathlib import Path
-import eval as ev
+from toy import tasks
 out, title, names = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 rows = [(n, json.loads((out / "eval" / f"{n}.json").read_text())["metrics"]) for n in names]
-print(f"\n### {title}\n\n" + ev.table(rows))
+print(f"\n### {title}\n\n" + tasks.table(rows))
 EOF
 }
 
@@ -79,12 +81,12 @@ for name in "${NAMES[@]}"; do
     scale)
       for frac in 4 2 1; do
         steps=$((PRETRAIN_STEPS / frac)) v=pretrain-$((PRETRAIN_STEPS / frac)) ckpt=$OUT/pretrain-$((PRETRAIN_STEPS / frac))
-        [[ $frac == 1 ]] && ckpt=$RUN/pretrain  # run_toy.sh's own pretraining is the full size
+        [[ $frac == 1 ]] && ckpt=$RUN/pretrain  # toy/run_toy.sh's own pretraining is the full size
         [[ -d $ckpt ]] && ls "$ckpt"/ckpt-* >/dev/null 2>&1 || \
-          python train.py --stage pretrain --init "$RUN/vision" --data "$DATA/mixtures/pretrain.json" \
+          "${PYTHON:-python}" train.py --stage pretrain --init "$RUN/vision" --data "$DATA/mixtures/pretrain.json" \
             --out-dir "$ckpt" --max-steps "$steps" --save-every "$steps" --keep 1 --batch-size "$BATCH" --lr 1e-3
-        python eval.py --checkpoint "$ckpt" --data "$DATA" --limit "$EVAL_LIMIT" --name "$v" --prompt plain \
-          --splits captions vqa ocr grounding fewshot --json "$OUT/eval/$v.json" > /dev/null
+        "${PYTHON:-python}" eval.py --checkpoint "$ckpt" --data "$DATA" --limit "$EVAL_LIMIT" --name "$v" \
+          --prompt plain --splits captions vqa ocr grounding fewshot --json "$OUT/eval/$v.json" > /dev/null
       done
       table "pretraining scale (steps x $BATCH samples; plain prompts after pretraining)" \
         "pretrain-$((PRETRAIN_STEPS / 4))" "pretrain-$((PRETRAIN_STEPS / 2))" "pretrain-$PRETRAIN_STEPS" ;;

@@ -1,0 +1,33 @@
+"""
+The toy world: tooling, not the model. A small procedurally drawn world written in the real public data
+formats, so the whole xGen-MM recipe runs on a CPU with a tiny model, and the suite that scores it.
+
+    scenes.py     the scene model: shapes, pictures, and every caption, question and answer about them
+    toyworld.py   writes the world: every dataset format, the held-out test splits, mixtures, a tokenizer
+    toyvision.py  the stand-in for SigLIP's pretraining: a tiny ViT taught to see the world, then frozen
+    tasks.py      the evaluation suite: test items, prompts, scoring, the stages x metrics table
+    run_toy.sh    the whole recipe in miniature, in one command; ablations.sh: the paper's ablations on it
+
+Run the Python modules from the repository root, e.g. `python -m toy.toyworld --out data/toy --size medium`.
+"""
+from pathlib import Path
+
+WORLD = Path("data/toy")  # where train.py looks for the world when no --data is given
+LR = 1e-3  # a tiny model trained from scratch on the toy world learns fast at this rate
+STEPS = 200  # default optimiser steps on the toy world
+
+
+def ensure_world(path=WORLD):
+    """Write the medium toy world at `path` unless it is there (its world.json is written last)."""
+    if not (Path(path) / "world.json").is_file():
+        from toy import toyworld
+        print(f"writing the toy world to {path} (once, ~30 s)", flush=True)
+        toyworld.write_world(path, seed=0, size="medium")
+
+
+def find_tokenizer(path):
+    """The `tokenizer/` folder of the toy world a dataset path lies in (the nearest folder above that has one)."""
+    for folder in Path(path).resolve().parents:
+        if (folder / "tokenizer" / "tokenizer.model").is_file():
+            return folder / "tokenizer"
+    raise SystemExit(f"no tokenizer/ folder above {path}: pass --tokenizer")
