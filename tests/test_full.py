@@ -1,4 +1,4 @@
-"""At full scale: the release's checkpoint layout (on meta tensors), `bench.py full` end to end at small sizes
+"""At full scale: the release's checkpoint layout (on meta tensors), `python -m bench.full` end to end at small sizes
 (a random checkpoint in that layout, loaded back; the CPU suite; the GPU suite's code path on the CPU), and
 FSDP2 on two processes equal to one for the `small` model. All but the layout checks are marked slow:
 `python -m pytest -m slow tests/test_full.py`."""
@@ -13,7 +13,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import bench
+import bench.common
+import bench.fsdp_memory
+import bench.full
+import bench.full_cpu
 import model
 import train
 
@@ -70,11 +73,11 @@ def release_layout():
 
 @pytest.fixture(scope="module")
 def full_layout():
-    return bench.official_layout(model.preset("xgenmm"))  # meta tensors: names, shapes, dtypes, no memory
+    return bench.full.official_layout(model.preset("xgenmm"))  # meta tensors: names, shapes, dtypes, no memory
 
 
 def test_full_size_layout_is_the_release_layout(full_layout):
-    """What `bench.py full --make-checkpoint` writes at full size, checked without writing it: every name and
+    """What `python -m bench.full --make-checkpoint` writes at full size, checked without writing it: every name and
     shape of the release (SPEC 2), bf16, 4.36B parameters = 8.7 GB (SPEC 1)."""
     ours = full_layout
     expected = release_layout()
@@ -107,18 +110,18 @@ def test_full_size_names_are_transformers_names(full_layout):
 
 
 def test_parameter_counts_are_the_papers():
-    c = bench.parameter_counts(model.preset("xgenmm"))
+    c = bench.fsdp_memory.parameter_counts(model.preset("xgenmm"))
     assert round((c["vit"] + c["pooling_head"]) / 1e9, 2) == 0.43 and round(c["resampler"] / 1e9, 2) == 0.11
     assert round(c["lm"] / 1e9, 2) == 3.82
     assert round(c["lora"] / 1e6, 1) == 100.7  # rank 64 on the four projections: the paper's 2.6%
 
 
 # -----------------------------------------------------------------------------
-# bench.py full, end to end at small sizes
+# python -m bench.full, end to end at small sizes
 
 
 def bench_full(*args, timeout=1200):
-    r = subprocess.run([sys.executable, "bench.py", "full", *map(str, args)], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "bench.full", *map(str, args)], cwd=ROOT, capture_output=True,
                        text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
@@ -133,21 +136,21 @@ def small_checkpoint(tmp_path_factory):
 
 @pytest.mark.slow
 def test_make_checkpoint_writes_the_layout_and_loads(small_checkpoint):
-    files = bench.weight_files(small_checkpoint)
+    files = bench.full_cpu.weight_files(small_checkpoint)
     header = {}
     for f in files:
         with safe_open(f, "pt") as h:
             header |= {k: (tuple(h.get_slice(k).get_shape()), h.get_slice(k).get_dtype()) for k in h.keys()}
-    expected = bench.official_layout(model.preset("small"))
+    expected = bench.full.official_layout(model.preset("small"))
     assert header == {k: (tuple(v.shape), "BF16") for k, v in expected.items()}
     config = json.loads((small_checkpoint / "config.json").read_text())
     assert config["model_type"] == "xgenmm" and config["text_config"]["initial_tokenizer_len"] == 32012
     m = model.XGenMM.from_pretrained(small_checkpoint)  # strict: the pooling head is named and skipped
     assert next(m.parameters()).dtype == torch.bfloat16
     assert torch.equal(m.lang_model.model.norm.weight, torch.ones_like(m.lang_model.model.norm.weight))
-    ids = torch.tensor([bench.photo_prompt(m, 8)])
+    ids = torch.tensor([bench.common.photo_prompt(m, 8)])
     with torch.no_grad():
-        logits = m(ids, model.Images.from_pil([[bench.noise_photo()]], m.config))
+        logits = m(ids, model.Images.from_pil([[bench.common.noise_photo()]], m.config))
     assert logits.shape[-1] == 32015 and torch.isfinite(logits).all()
 
 
@@ -156,7 +159,7 @@ def test_cpu_suite_runs(small_checkpoint, tmp_path):
     out = bench_full("--checkpoint", small_checkpoint, "--fp32-layers", "4", "8", "--prompt-tokens", "8",
                      "--new-tokens", "4", "--json", tmp_path / "cpu.json")
     r = json.loads((tmp_path / "cpu.json").read_text())
-    n = bench.parameter_counts(model.preset("small"))["model"]
+    n = bench.fsdp_memory.parameter_counts(model.preset("small"))["model"]
     for cache in ("cold", "warm"):
         assert r[f"load_{cache}"]["bytes"] == 2 * n and r[f"read_{cache}"]["bytes"] == r["checkpoint_bytes"]
         assert 0 < r[f"load_{cache}"]["peak_rss"] and 0 < r[f"load-transformers_{cache}"]["seconds"]
@@ -172,7 +175,7 @@ def test_gpu_suite_runs_on_the_cpu_at_small_sizes(small_checkpoint, tmp_path):
                "--prompt-tokens", "8", "--new-tokens", "4", "--train-batch", "2", "--train-text", "16", "--repeats", "1",
                "--json", tmp_path / "gpu.json")
     r = json.loads((tmp_path / "gpu.json").read_text())
-    assert r["load"]["bytes"] == 4 * bench.parameter_counts(model.preset("small"))["model"]  # cast to fp32
+    assert r["load"]["bytes"] == 4 * bench.fsdp_memory.parameter_counts(model.preset("small"))["model"]  # cast to fp32
     assert {k for k in r if k.startswith("decode_")} == {"decode_b1", "decode_b1_compiled", "decode_b2",
                                                          "decode_b2_compiled"}
     assert r["decode_b2"]["positions"] == 8 + 160  # 640x480 -> 2x2 crops + global view, 32 latents each
@@ -189,12 +192,13 @@ def test_fsdp_plan_terms():
     c = {"layers": 2, "blocks": 200, "model": 1000, "vit": 300, "lora": 20}
     act = {"block": (0, 10), "block_lora": (0, 12), "head_sft": (5, 1), "head_dpo": (5, 2), "resampler_group": (3, 7)}
     cfg = SimpleNamespace(text=SimpleNamespace(hidden_size=4))
-    sft = bench.fsdp_plan(c, act, cfg, gpus=4, batch=1, T=10, groups=2, supervised=6, lora_run=False)
+    sft = bench.fsdp_memory.fsdp_plan(c, act, cfg, gpus=4, batch=1, T=10, groups=2, supervised=6, lora_run=False)
     assert list(sft.values()) == [1000, 1600, 400, 700, 3600, 1400, 160, 100, 17, 11]
-    half = bench.fsdp_plan(c, act, cfg, gpus=4, batch=1, T=10, groups=2, supervised=6, lora_run=False, master=2)
+    half = bench.fsdp_memory.fsdp_plan(c, act, cfg, gpus=4, batch=1, T=10, groups=2, supervised=6, lora_run=False,
+                                       master=2)
     sharded = ("parameters, sharded", "gradients, sharded", "AdamW exp_avg + exp_avg_sq, sharded")
     assert all(half[k] == sft[k] / 2 if k in sharded else half[k] == sft[k] for k in sft)
-    dpo = bench.fsdp_plan(c, act, cfg, gpus=4, batch=2, T=10, groups=2, supervised=6, lora_run=True)
+    dpo = bench.fsdp_memory.fsdp_plan(c, act, cfg, gpus=4, batch=2, T=10, groups=2, supervised=6, lora_run=True)
     # LoRA: only the adapters train (20 = 10 per block); the frozen base is still sharded in fp32
     assert dpo["parameters, sharded"] == 1020 and dpo["gradients, sharded"] == 20 and "activations: resampler" not in dpo
     assert dpo["gradients before reduce-scatter (root group + 1 block; bf16 + fp32 copy)"] == 10 * 6
