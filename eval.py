@@ -28,8 +28,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import model as xgenmm
-import train
+import checkpoint
+import weights
+from images import Images, load_image
+from model import XGenMM
+from tokenizer import DEFAULT_SYSTEM
 from toy import tasks
 
 # -----------------------------------------------------------------------------
@@ -47,8 +50,8 @@ def answer_all(m, items, root, batch_size, device, progress=True):
         encoded = sorted(((m.tokenizer.encode(it.prompt), it) for it in group), key=lambda p: len(p[0]))
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i:i + batch_size]
-            images = [[xgenmm.load_image(root / p) for p in it.images] for _, it in chunk]
-            pixels = xgenmm.Images.from_pil(images, m.config).to(device) if any(images) else None
+            images = [[load_image(root / p) for p in it.images] for _, it in chunk]
+            pixels = Images.from_pil(images, m.config).to(device) if any(images) else None
             out = m.generate([ids for ids, _ in chunk], pixels, max_new_tokens=max_new, stop_ids=stop)
             for (_, it), row in zip(chunk, out.tolist()):
                 it.answer = m.tokenizer.decode(row, skip_special_tokens=True).strip()
@@ -56,18 +59,7 @@ def answer_all(m, items, root, batch_size, device, progress=True):
     bar.close()
 
 
-def checkpoint_dir(path):
-    """A checkpoint directory, or a run directory's newest checkpoint."""
-    path = Path(path)
-    if path.is_dir() and not (path / "config.json").is_file():
-        newest = train.newest_checkpoint(path)
-        if newest is None:
-            raise SystemExit(f"eval.py: {path} has neither config.json nor ckpt-* checkpoints")
-        return newest
-    return path
-
-
-def evaluate(m, data, splits=tasks.SPLITS, style="chat", system=xgenmm.DEFAULT_SYSTEM, limit=None, batch_size=64,
+def evaluate(m, data, splits=tasks.SPLITS, style="chat", system=DEFAULT_SYSTEM, limit=None, batch_size=64,
              device="cpu", progress=True, predictions=None):
     """metric -> value for the model on the toy world at `data` (the folder holding test/ and the images)."""
     items = [it for split in splits
@@ -107,11 +99,14 @@ def main(argv=None):
         p.error("--checkpoint (or --summarize) is required")
 
     t0 = time.time()
-    path = checkpoint_dir(args.checkpoint)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else None)
-    m = xgenmm.XGenMM.from_pretrained(path, dtype=dtype, device=args.device).eval()
+    try:
+        path = checkpoint.resolve(args.checkpoint)
+        m = XGenMM.from_pretrained(path, dtype=dtype, device=args.device).eval()
+    except weights.CheckpointError as e:
+        p.exit(2, f"eval.py: error: {e}\n")
     if m.tokenizer is None:
-        raise SystemExit(f"eval.py: {path} has no tokenizer files")
+        p.exit(2, f"eval.py: error: {path} has no tokenizer files\n")
     metrics = evaluate(m, args.data, args.splits, args.prompt, limit=args.limit, batch_size=args.batch_size,
                        device=args.device, predictions=args.predictions)
     seconds = round(time.time() - t0, 1)

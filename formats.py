@@ -365,8 +365,8 @@ def open_sources(data, eos, image_folder=None):
             return [(open_source(s, path.parent, eos), weight) for s, weight in mixture_spec(path)]
         spec = {"name": path.name, "type": sniff(path), "path": path.name, "image_folder": image_folder}
         return [(open_source(spec, path.parent, eos), 1.0)]
-    except DataError:
-        raise
+    except DataError as e:
+        raise e if str(path) in str(e) else DataError(f"{path}: {e}") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     except (OSError, UnicodeDecodeError, tarfile.TarError, BadSample, KeyError, TypeError, ValueError) as e:

@@ -1,14 +1,10 @@
 """
 xGen-MM (BLIP-3): a frozen SigLIP ViT, a Perceiver Resampler and Phi-3, with images spliced into text.
 
-- Any-resolution encoding, as released (images.py cuts the views): every crop and a squashed global view go
-  through the ViT, the crop features are stitched into one map whose padded rows (or columns) are masked,
-  and the map is cut into groups of 729 features that the resampler turns into 128 tokens each: 384, 512
-  or 640 tokens per image.
-- quirk, kept because the released resampler was trained with it: the groups are bands of the whole
-  stitched map in raster order, not one crop each, whenever the grid is more than one crop wide.
-- The paper's two ablation strategies are here too, chosen by config: fixed resolution (one view, padded
-  to a square, 128 tokens) and any-resolution with fixed sampling (all unpadded features resampled once).
+- Any-resolution encoding, as released (images.py cuts the views and groups their features): every crop
+  and a squashed global view go through the ViT, and the resampler turns each group of 729 features into
+  128 tokens: 384, 512 or 640 tokens per image. The paper's two ablation strategies are chosen by config:
+  fixed resolution (one padded view) and any-resolution with fixed sampling (all features resampled once).
 - Splicing by expansion: each `<image>` in the ids is first repeated as often as its image has vision tokens
   (`XGenMMConfig.expand_images`, which data.py and `generate` call while the ids are still lists), so the
   splice is one masked scatter of the vision tokens into the text embeddings, with no per-row loop; labels
@@ -22,8 +18,8 @@ References: xGen-MM / BLIP-3 (arXiv 2408.08872); salesforce/LAVIS branch xgen-mm
 Salesforce/xgen-mm-phi3-mini-instruct-r-v1.5 (modeling_xgenmm.py); LLaVA-NeXT any-resolution (unpad_image);
 OpenFlamingo; docs/release.md (the facts this file implements).
 """
+import itertools
 import json
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -37,7 +33,7 @@ import resampler
 import vit
 import weights
 from images import Images, group_features, pad_groups, select_grid
-from tokenizer import XGENMM_TOKENS, Tokenizer, extend_tokenizer, extended_tokenizer
+from tokenizer import XGENMM_TOKENS, Tokenizer, extend_tokenizer, extended_tokenizer, pad_batch
 
 SIGLIP_SO400M = "google/siglip-so400m-patch14-384"
 GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))  # (cols, rows): the release's anyres_grids, in crops
@@ -246,21 +242,14 @@ class XGenMM(nn.Module):
 
     # ---- interleaving -----------------------------------------------------------
 
-    def image_positions(self, images):
-        """Positions each image fills in the expanded ids: 128 per group (one group for the fixed strategies)."""
-        L = self.config.resampler.num_latents
-        return [L * (1 + c * r) if self.config.strategy == "anyres" else L for c, r in images.grids]
-
     def embed(self, input_ids, images=None):
         """Expanded ids (B, T) -> input embeddings (B, T, C), the vision tokens of `images` scattered, in order,
         into the positions that hold `<image>` (config.expand_images put one per vision token there)."""
+        L, anyres = self.config.resampler.num_latents, self.config.strategy == "anyres"
+        tokens = [L * (1 + c * r) if anyres else L for c, r in images.grids] if images is not None else []
+        bounds = [0, *itertools.accumulate(images.counts)] if images is not None else [0] * (len(input_ids) + 1)
+        per_row = [tokens[a:b] for a, b in zip(bounds, bounds[1:])]  # vision tokens of each row's images
         is_image = input_ids == self.config.image_token_id
-        counts = images.counts if images is not None else [0] * len(input_ids)
-        tokens = self.image_positions(images) if images is not None else []
-        per_row, k = [], 0
-        for n in counts:
-            per_row.append(tokens[k:k + n])
-            k += n
         for b, (have, want) in enumerate(zip(is_image.sum(1).tolist(), per_row)):
             if have != sum(want):
                 raise ValueError(f"sample {b}: {have} <image> position(s) but its {len(want)} image(s) have "
@@ -316,8 +305,8 @@ class XGenMM(nn.Module):
                 rows.append(self.config.expand_images(ids, [next(sizes) for _ in range(n)]))
             except ValueError as e:
                 raise ValueError(f"sample {b}: {e}") from None
-        ids, mask = (decoding.left_pad(rows, self.config.text.pad_token_id) if padding_side == "left" else
-                     decoding.pad_batch(rows, self.config.text.pad_token_id))
+        pad = self.config.text.pad_token_id
+        ids, mask = decoding.left_pad(rows, pad) if padding_side == "left" else pad_batch(rows, pad)
         return ids, mask, images
 
     @torch.no_grad()

@@ -11,7 +11,7 @@ For each preset it times, alternating ours and the reference (A B A B ...) and k
   machine's measured matmul peak;
 - greedy decode (batch 1, 32-token prompt, 128 new tokens) in tokens/s, and as a fraction of the
   memory-bandwidth bound (measured read bandwidth / weight bytes read per token), ours in
-  `Phi3.decode_layout()`;
+  `generate.decode_layout`;
 - the ViT forward in images/s, and FLOP/s as a fraction of the peak.
 Each is timed with ours eager and again with ours through torch.compile (`--no-compile` skips that).
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import generate
 import phi3
 import vit
 from bench.common import SHAPES, alternate, bandwidth, common_flags, decode_bytes, parse, peak_matmul_flops, report
@@ -79,7 +80,7 @@ def bench_train(ours, ref, cfg, B, T, device, repeats, compile=False):
     ours = torch.compile(ours) if compile else ours
 
     def step_ours():
-        _, loss = ours(idx, idx, return_logits=False)  # the fused chunked loss, as a trainer would use it
+        loss = ours(idx, idx)  # with labels: the fused chunked loss, as a trainer uses it
         loss.backward()
 
     def step_ref():
@@ -92,7 +93,7 @@ def bench_decode(ours, ref, cfg, device, repeats, prompt=32, new=128, compile=Fa
     """Greedy batch-1 decoding, ours in its decode layout (column-major weights), optionally compiled."""
     idx = torch.randint(3, cfg.vocab_size, (1, prompt), device=device)
     mask = torch.ones_like(idx)
-    ours.decode_layout()
+    generate.decode_layout(ours)
 
     def run_ours():
         out = ours.generate(idx, new, stop_ids=[], compile=compile)

@@ -147,9 +147,9 @@ def train_step_run(m, args, device, peak, dtype):
     s = SimpleNamespace(wrapped=wrapped, world=1, device=device, args=a, opt=train.make_optimizer(m, a, device),
                         params=[p for p in m.parameters() if p.requires_grad])
     B, img = args.train_batch, noise_photo()
-    ids = torch.tensor([photo_prompt(m, args.train_text, torch.Generator().manual_seed(b)) for b in range(B)])
-    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": None,
-             "images": model.Images.from_pil([[img]] * B, m.config)}
+    prompts = [photo_prompt(m, args.train_text, torch.Generator().manual_seed(b)) for b in range(B)]
+    ids, _, images = m.encode_batch(prompts, [[img]] * B)  # each <image> expanded to its block
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": None, "images": images}
     train.train_step(s, [batch])  # warm-up; creates the optimizer state
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

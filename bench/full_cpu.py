@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+import generate
 import model
 import weights
 from bench.common import (CPU, ROOT, bandwidth, decode_bytes, noise_photo, parse, peak_rss, photo_prompt,
@@ -94,10 +95,11 @@ def cpu_forward(args):
            "decode_bytes": decode_bytes(lm)}
     with torch.no_grad():  # CPU seconds too: wall >> CPU / threads means the run waited for the cores
         t, c = time.perf_counter(), time.process_time()
-        embeds = m.prepare_inputs(torch.tensor([prompt]), model.Images.from_pil([[img]], m.config))[0]
+        embeds = m.embed(*m.encode_batch([prompt], [[img]])[::2])
         out |= {"vision_s": time.perf_counter() - t, "vision_cpu_s": time.process_time() - c}
         T = embeds.shape[1]
-        lm.setup_cache(1, T + 3 * n)
+        valid, offset = torch.ones(1, T + 3 * n, dtype=torch.bool), torch.zeros(1, dtype=torch.long)
+        generate.setup_cache(lm, 1, T + 3 * n)
         try:
             t, c = time.perf_counter(), time.process_time()
             tok = lm(embeds=embeds, input_pos=torch.arange(T), last_only=True)[:, -1].argmax(-1)
@@ -106,18 +108,18 @@ def cpu_forward(args):
                 # the compiled step takes the faster eager layout (bf16 on an AVX2 CPU: the stored one)
                 layout = mode.endswith("layout") or (mode == "compiled" and
                                                      out["eager_decode_layout"]["step_s"] < out["eager"]["step_s"])
-                lm.decode_layout(layout)
-                step = torch.compile(lm.decode_step, dynamic=False) if mode == "compiled" else lm.decode_step
+                generate.decode_layout(lm, layout)
+                step = torch.compile(generate.decode_step, dynamic=False) if mode == "compiled" else generate.decode_step
                 times = []
                 for pos in range(T + i * n, T + (i + 1) * n):
                     t = time.perf_counter()
-                    tok = step(tok[:, None], torch.tensor([pos])).argmax(-1)
+                    tok = step(lm, tok[:, None], torch.tensor([pos]), valid, offset).argmax(-1)
                     times.append(time.perf_counter() - t)
                 steady = times[2:] if mode == "compiled" and n > 3 else times  # the first compiled steps compile
                 out[mode] = {"first_step_s": times[0], "step_s": statistics.median(steady),
                              "decode_tok_s": 1 / statistics.median(steady), "decode_layout": layout}
         finally:
-            lm.clear_cache()
+            generate.clear_cache(lm)
     return out
 
 

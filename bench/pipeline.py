@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import model
+from tokenizer import extended_tokenizer
 from bench.common import CPU, parse, report, timed
 
 
@@ -25,8 +26,7 @@ def data_pipeline(args):
     results, rows = {}, []
     for path in args.data:
         world = Path(path).resolve().parent.parent
-        tok = model.Tokenizer.from_pretrained(world / "tokenizer")
-        model.extend_tokenizer(tok)
+        tok = extended_tokenizer(world / "tokenizer")
         cfg = model.preset(args.preset, tokenizer=tok)
         enc = data.Encoder(tok, cfg, args.max_len)
         mix = data.Mixture(data.open_sources(path, tok.id_to_token(tok.eos_id)), enc, args.batch_size, tok.pad_id)
@@ -51,7 +51,7 @@ def train_step_rate(cfg, batches, repeats):
 
     def step():
         for b in batches:
-            _, loss = m(b["input_ids"], b["images"], b["attention_mask"], labels=b["labels"], return_logits=False)
+            loss = m(b["input_ids"], b["images"], b["attention_mask"], labels=b["labels"])
             loss.backward()
     step()
     t = statistics.median(timed(step, CPU) for _ in range(repeats))

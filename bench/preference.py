@@ -16,6 +16,7 @@ import statistics
 import torch
 
 import model
+from images import preprocess
 from bench.common import CPU, ROOT, SHAPES, TEXT, parse, peak_rss, report, timed, train_batch
 
 
@@ -34,8 +35,9 @@ def dpo_setup(preset, reference):
     lora.apply_lora(m.lang_model, r=64, alpha=128)
     lora.mark_only_lora_trainable(m)
     ids, imgs = train_batch(m, 2)
-    rows = [{"input_ids": ids[b].tolist() + answer, "labels": [-100] * (TEXT + 1) + answer, "length": 0,
-             "images": [model.preprocess(imgs[b], m.config)], "where": f"pair {b}"}
+    prompts = [m.config.expand_images(ids[b].tolist(), [imgs[b].size]) for b in range(2)]  # <image> -> its block
+    rows = [{"input_ids": prompts[b] + answer, "labels": [-100] * len(prompts[b]) + answer, "length": 0,
+             "images": [preprocess(imgs[b], m.config)], "where": f"pair {b}"}
             for answer in ([5, 6, 7, 8] * 8, [9, 10, 11, 12] * 8) for b in range(2)]
     batch = data.collate([{"chosen": rows[b], "rejected": rows[2 + b]} for b in range(2)], 0) | {"keys": [(0, 0)] * 2}
     params = [p for p in m.parameters() if p.requires_grad]

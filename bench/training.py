@@ -79,9 +79,9 @@ def ref_inputs(ref, res, pixels, meta, ids):
 def train_parity(m, ref, res, batch, tol=1e-4):
     """Mean loss of ours and of the reference. transformers' lm_head has no bias and all vocab_size rows, so the
     reference's loss here goes from its hidden states through the decoupled head, as XGenMMReference.logits."""
-    (ids, images, pixels, meta), x = batch, ref.extra
+    (ids, images, pixels, meta, expanded), x = batch, ref.extra
     with torch.no_grad():
-        ours = m(ids, images, labels=ids)[1].item()
+        ours = m(expanded, images, labels=expanded).item()
         embeds, mask, labels = ref_inputs(ref, res, pixels, meta, ids)
         h = ref.lm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         w = torch.cat((ref.lm.lm_head.weight[: ref.initial], x["lm_head.additional_fc.weight"]))
@@ -95,12 +95,12 @@ def train_parity(m, ref, res, batch, tol=1e-4):
 
 def train_steps(m, ref, res, batch):
     """The two steps timed: zero the grads (set to None), forward, backward of the summed loss."""
-    ids, images, pixels, meta = batch
+    ids, images, pixels, meta, expanded = batch
     n_sup = int((ref_inputs(ref, res, pixels, meta, ids)[2][:, 1:] != -100).sum())
 
     def ours():
         m.zero_grad(set_to_none=True)
-        m(ids, images, labels=ids, reduction="sum", return_logits=False)[1].backward()
+        m(expanded, images, labels=expanded, reduction="sum").backward()
 
     def reference():
         ref.lm.zero_grad(set_to_none=True)
@@ -118,8 +118,9 @@ def train_preset(preset, args, peak, tmp):
     m.train(), ref.lm.train(), ref.siglip.requires_grad_(False)
     res = {k: torch.nn.Parameter(v.clone()) for k, v in ref.res_sd.items()}  # the trainable resampler, as leaves
     ids, imgs = train_batch(m, TRAIN_BATCH[preset])
-    batch = (ids, model.Images.from_pil([[im] for im in imgs], m.config), *ref_pixels(ref, imgs))
-    B, T = ref_inputs(ref, res, *batch[2:], ids)[0].shape[:2]
+    expanded, _, images = m.encode_batch(ids.tolist(), [[im] for im in imgs])  # ours: each <image> -> its block
+    batch = (ids, images, *ref_pixels(ref, imgs), expanded)
+    B, T = ref_inputs(ref, res, *batch[2:4], ids)[0].shape[:2]
     flops = train_flops(m, B * T, len(batch[2]))
     out = {"parity_loss": train_parity(m, ref, res, batch), "samples": B, "tokens_per_sample": T,
            "flops_per_step": flops}

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+import generate
 import model
+from images import Images
 from bench.common import (CPU, alternate, bandwidth, common_flags, decode_bytes, noise_photo, parse, photo_prompt,
                           report, xgenmm_pair)
 
@@ -32,9 +34,9 @@ PROMPT, NEW = 32, 128  # text tokens after the image, tokens generated
 def check_parity(m, ref, ids, img, tol=1e-3):
     """Max |ours - reference| of the vision tokens and of the logits that pick the first new token."""
     with torch.inference_mode():
-        images = model.Images.from_pil([[img]], m.config)
+        expanded, _, images = m.encode_batch([ids], [[img]])
         pairs = {"vision_tokens": (m.encode_images(images)[0], ref.image_tokens(img)),
-                 "prefill_logits": (m(torch.tensor([ids]), images)[0, -1], ref.logits(ids, [img])[-1])}
+                 "prefill_logits": (m(expanded, images)[0, -1], ref.logits(ids, [img])[-1])}
     diffs = {k: (a - b).abs().max().item() for k, (a, b) in pairs.items()}
     if max(diffs.values()) > tol:
         raise AssertionError(f"ours and the reference disagree: max abs diff {diffs}, tolerance {tol}")
@@ -63,8 +65,8 @@ def model_preset(preset, args, bw, tmp):
     g = torch.Generator().manual_seed(0)
     img, ids = noise_photo(640, 480, g), photo_prompt(m, PROMPT, g)
     out = {"parity_max_abs_diff": check_parity(m, ref, ids, img), "decode_bound_tok_s": bw / decode_bytes(m.lang_model)}
-    m.lang_model.decode_layout()
-    encode = lambda: m.encode_images(model.Images.from_pil([[img]], m.config))  # noqa: E731
+    generate.decode_layout(m.lang_model)
+    encode = lambda: m.encode_images(Images.from_pil([[img]], m.config))  # noqa: E731
     r = {}
     for comp in [False, True] if args.compile else [False]:
         for module in (m.vision_encoder, m.vision_tokenizer) if comp else ():

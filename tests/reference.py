@@ -1,4 +1,4 @@
-"""The numerical references the tests (and bench/) compare against, written from the official code and SPEC.
+"""The numerical references the tests (and bench/) compare against, written from the official code and docs/release.md.
 
 - `resampler_reference`: the official OpenFlamingo / xgen-mm PerceiverResampler math (einsum, row-max softmax).
 - `write_tokenizer`: a SentencePiece model trained here, with Phi-3's added tokens, in the Hub file layout.

@@ -429,3 +429,25 @@ def test_mixture_paths_are_relative_to_the_config(tmp_path, enc):
     r = src.record(0)
     assert r["images"] == [tmp_path / "imgs" / "a.png"] and "configs" not in r["where"]
     assert len(enc(r)["images"]) == 1
+
+
+def test_show_marks_the_supervised_tokens_and_the_image_blocks(world, capsys):
+    data.main(["show", "--data", str(world / "mixtures" / "pretrain.json"), "--n", "1"])
+    out = capsys.readouterr().out
+    assert "== " in out and "[[" in out and "]]" in out
+    assert "<image>x" in out  # an expanded block of image positions prints as one <image>xN
+
+
+@pytest.mark.parametrize("content, says", [
+    ('{"sources": [\n  {"name": "a", "type": "llava" "path": "x.json"}]}', "not valid JSON"),
+    ('{"name": "no sources here"}', "needs a non-empty 'sources' list"),
+    ('{"sources": [{"name": "a", "type": "llava"}]}', "source 0 needs a 'path'"),
+    ('{"sources": [{"name": "a", "type": "nope", "path": "x.json"}]}', "unknown type 'nope'"),
+])
+def test_a_broken_mixture_config_is_one_line_naming_the_file(world, tmp_path, capsys, content, says):
+    bad = tmp_path / "mix.json"
+    bad.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        data.main(["show", "--data", str(bad), "--tokenizer", str(world / "tokenizer")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and str(bad) in err and says in err, err

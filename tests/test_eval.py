@@ -6,7 +6,7 @@ import pytest
 
 import eval as ev
 import model
-import train
+from tokenizer import DEFAULT_SYSTEM, chat_prompt
 from toy import scenes, tasks, toyworld
 
 
@@ -84,8 +84,8 @@ def test_score_and_table():
 def test_prompts_follow_the_training_formats():
     rec = {"id": "q", "conversations": [{"from": "human", "value": "<image>\nWhat colour is the circle?"},
                                         {"from": "gpt", "value": "red"}], "image": "a.png", "answer": "red"}
-    chat = tasks.items_for("vqa", [rec], "chat", model.DEFAULT_SYSTEM)[0]
-    assert chat.prompt == model.chat_prompt(["<image>\nWhat colour is the circle?"])
+    chat = tasks.items_for("vqa", [rec], "chat", DEFAULT_SYSTEM)[0]
+    assert chat.prompt == chat_prompt(["<image>\nWhat colour is the circle?"])
     plain = tasks.items_for("vqa", [rec], "plain", None)[0]
     assert plain.prompt == "<image>Q: What colour is the circle? A:" and plain.images == ["a.png"]
     few = {**rec, "question": "What colour is the circle?",
@@ -99,9 +99,7 @@ def test_prompts_follow_the_training_formats():
 def test_eval_end_to_end_on_a_tiny_checkpoint(tmp_path):
     world = tmp_path / "world"
     toyworld.write_world(world, seed=3, size="small")
-    tok = model.Tokenizer.from_pretrained(world / "tokenizer")
-    model.extend_tokenizer(tok)
-    train.toy_model(tok, "anyres").save_pretrained(tmp_path / "ckpt")
+    model.XGenMM.from_tokenizer(world / "tokenizer").save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "eval.json"
     metrics = ev.main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(world), "--limit", "4",
                        "--json", str(out), "--predictions", str(tmp_path / "p.jsonl")])

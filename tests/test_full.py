@@ -23,11 +23,11 @@ import train
 ROOT = Path(__file__).resolve().parent.parent
 
 # -----------------------------------------------------------------------------
-# the release's layout, written out from SPEC.md sections 1-2 (not from our modules)
+# the release's layout, written out from docs/release.md §1-2 (not from our modules)
 
 
 def release_layout():
-    """{official name: shape} of Salesforce/xgen-mm-phi3-mini-*-r-v1.5 from the SPEC's dimensions."""
+    """{official name: shape} of Salesforce/xgen-mm-phi3-mini-*-r-v1.5 from the dimensions of docs/release.md §1."""
     C, P, F, L = 1152, 729, 4304, 27                       # SigLIP so400m/14-384
     D, inner, ff, latents = 1152, 16 * 96, 4 * 1152, 128   # resampler: 6 layers, 16 heads x 96
     H, I, V, added = 3072, 8192, 32064, 3                  # Phi-3-mini, 3 decoupled tokens
@@ -78,7 +78,7 @@ def full_layout():
 
 def test_full_size_layout_is_the_release_layout(full_layout):
     """What `python -m bench.full --make-checkpoint` writes at full size, checked without writing it: every name and
-    shape of the release (SPEC 2), bf16, 4.36B parameters = 8.7 GB (SPEC 1)."""
+    shape of the release (docs/release.md §2), bf16, 4.36B parameters = 8.7 GB (§1)."""
     ours = full_layout
     expected = release_layout()
     assert sorted(set(ours) ^ set(expected)) == []
@@ -148,9 +148,9 @@ def test_make_checkpoint_writes_the_layout_and_loads(small_checkpoint):
     m = model.XGenMM.from_pretrained(small_checkpoint)  # strict: the pooling head is named and skipped
     assert next(m.parameters()).dtype == torch.bfloat16
     assert torch.equal(m.lang_model.model.norm.weight, torch.ones_like(m.lang_model.model.norm.weight))
-    ids = torch.tensor([bench.common.photo_prompt(m, 8)])
+    ids, _, images = m.encode_batch([bench.common.photo_prompt(m, 8)], [[bench.common.noise_photo()]])
     with torch.no_grad():
-        logits = m(ids, model.Images.from_pil([[bench.common.noise_photo()]], m.config))
+        logits = m(ids, images)
     assert logits.shape[-1] == 32015 and torch.isfinite(logits).all()
 
 

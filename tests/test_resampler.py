@@ -153,7 +153,7 @@ def test_config_from_hf_and_presets():
 
 
 def test_official_parameter_count():
-    with torch.device("meta"):  # SPEC section 1: resampler ~0.11 B parameters
+    with torch.device("meta"):  # docs/release.md §1: resampler ~0.11 B parameters
         n = sum(p.numel() for p in resampler.PerceiverResampler(resampler.ResamplerConfig()).parameters())
     assert 0.10e9 < n < 0.12e9
 

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import model
+from images import preprocess
 from toy import scenes, toyworld
 from toy import toyvision as tv
 
@@ -18,7 +19,7 @@ def test_patch_labels_sit_under_their_pixels():
         colours = list(scenes.COLOURS.values())
         for _ in range(15):
             scene = tv.draw_scene(s)
-            views = model.preprocess(Image.open(io.BytesIO(scene.png())), config)[0]
+            views = preprocess(Image.open(io.BytesIO(scene.png())), config)[0]
             labels = tv.patch_labels(tv.label_map(scene), config)
             assert labels.shape == (len(views), config.vision.num_patches, 3)
             p = config.vision.patch_size

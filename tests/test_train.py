@@ -249,3 +249,18 @@ def test_init_switches_strategy_and_adds_an_instruction_aware_resampler(world, t
     assert before.config.strategy == "anyres" and not before.config.resampler.instruction_dim
     assert torch.equal(m.vision_encoder.embeddings.position_embedding.weight,
                        before.vision_encoder.embeddings.position_embedding.weight)  # the ViT stays frozen
+
+
+def test_broken_data_is_one_line_and_exit_2(world, tmp_path, capsys):
+    """A malformed data file stops train.py and dpo.py before training with one line naming it (no traceback)."""
+    import dpo
+    bad = tmp_path / "mix.json"
+    bad.write_text('{"sources": [\n  {"name": "a" "type": "llava"}]}')
+    model.XGenMM.from_tokenizer(world / "tokenizer").save_pretrained(tmp_path / "init")
+    for main, extra in ((train.main, []), (dpo.main, ["--init", str(tmp_path / "init")])):
+        with pytest.raises(SystemExit) as e:
+            main(["--data", str(bad), "--tokenizer", str(world / "tokenizer"), "--out-dir", str(tmp_path / "o"),
+                  *extra, *FAST])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and str(bad) in err and "not valid JSON" in err and "Traceback" not in err, err
+    assert "--stage" not in dpo.build_parser().format_help()  # dpo.py is one stage

@@ -13,7 +13,6 @@ Run the Python modules from the repository root, e.g. `python -m toy.toyworld --
 from pathlib import Path
 
 WORLD = Path("data/toy")  # where train.py looks for the world when no --data is given
-LR = 1e-3  # a tiny model trained from scratch on the toy world learns fast at this rate
 STEPS = 200  # default optimiser steps on the toy world
 
 
@@ -23,11 +22,3 @@ def ensure_world(path=WORLD):
         from toy import toyworld
         print(f"writing the toy world to {path} (once, ~30 s)", flush=True)
         toyworld.write_world(path, seed=0, size="medium")
-
-
-def find_tokenizer(path):
-    """The `tokenizer/` folder of the toy world a dataset path lies in (the nearest folder above that has one)."""
-    for folder in Path(path).resolve().parents:
-        if (folder / "tokenizer" / "tokenizer.model").is_file():
-            return folder / "tokenizer"
-    raise SystemExit(f"no tokenizer/ folder above {path}: pass --tokenizer")

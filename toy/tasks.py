@@ -21,7 +21,7 @@ import json
 import re
 from pathlib import Path
 
-import model as xgenmm
+from tokenizer import chat_prompt
 
 METRICS = ("caption_f1", "vqa", "counting", "ocr", "ocr_small", "grounding", "multi_image", "hallucination",
            "refusal_unsafe", "false_refusal", "fewshot_0", "fewshot_4", "fewshot_8", "arithmetic")
@@ -127,7 +127,7 @@ def question_of(record):
 
 def ask(question, n_images, style, system):
     if style == "chat":
-        return xgenmm.chat_prompt(["<image>\n" * n_images + question], system=system)
+        return chat_prompt(["<image>\n" * n_images + question], system=system)
     return "<image>" * n_images + f"Q: {question} A:"
 
 

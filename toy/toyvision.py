@@ -9,7 +9,7 @@ frozen in every stage (paper section 3). The toy world has no such encoder, and 
 hand the resampler random projections of pixels; training the ViT through the language model instead is
 slow, because the decoder must first learn to bind a question to the right image tokens before any useful
 gradient reaches the pixels. So this script does the job of SigLIP's pretraining, cheaply: each patch of
-each view (the global view and the any-resolution crops, exactly as model.preprocess cuts them) learns to
+each view (the global view and the any-resolution crops, exactly as images.preprocess cuts them) learns to
 name what lies under its centre:
 
     what   background | one of 12 (colour, shape) | hazard sign | text label      (15 classes)
@@ -17,7 +17,7 @@ name what lies under its centre:
     text   none | one of the 24 words | a number 0-99                               (125)
 
 The labels are drawn, not annotated: every scene is drawn twice with the same geometry, once in colour and
-once as a label map (class ids as pixel values), and the label map goes through model.preprocess with
+once as a label map (class ids as pixel values), and the label map goes through images.preprocess with
 nearest-neighbour resampling, so each view's labels sit under its pixels. Scenes are drawn fresh for every
 batch from their own random stream (never the test streams).
 
@@ -35,8 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-import model as xgenmm
-import train
+from images import preprocess
+from model import STRATEGIES, XGenMM
 from toy import scenes
 
 WHAT = 1 + len(scenes.SHAPES) * len(scenes.COLOURS) + 2  # background, (colour, shape)s, hazard, text
@@ -93,8 +93,8 @@ def cell_labels(scene):
 
 
 def patch_labels(label_img, config):
-    """(V, P, 3) long: each view's patch-centre labels, the views cut as model.preprocess cuts the image."""
-    views, _, _ = xgenmm.preprocess(label_img, config, Image.Resampling.NEAREST, fill=(0, 0, 0))
+    """(V, P, 3) long: each view's patch-centre labels, the views cut as images.preprocess cuts the image."""
+    views, _, _ = preprocess(label_img, config, Image.Resampling.NEAREST, fill=(0, 0, 0))
     ids = ((views * 0.5 + 0.5) * 255).round().long()  # undo to_pixels' normalisation: exact for nearest
     p = config.vision.patch_size
     centres = ids[:, :, p // 2::p, p // 2::p]  # (V, 3, g, g)
@@ -113,7 +113,7 @@ def batch(s, config, n):
     for _ in range(n):
         scene = draw_scene(s)
         first.append(sum(len(p) for p in pixels))
-        pixels.append(xgenmm.preprocess(Image.open(io.BytesIO(scene.png())), config)[0])
+        pixels.append(preprocess(Image.open(io.BytesIO(scene.png())), config)[0])
         labels.append(patch_labels(label_map(scene), config))
         cells.append(cell_labels(scene))
     return torch.cat(pixels), torch.cat(labels), torch.tensor(first), torch.stack(cells)
@@ -165,7 +165,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/toy", help="the toy world (for its tokenizer; default: data/toy)")
     p.add_argument("--out", default="out/vision", help="where the xGen-MM checkpoint goes (default: out/vision)")
-    p.add_argument("--strategy", default="anyres", choices=xgenmm.STRATEGIES, help="image strategy of the model")
+    p.add_argument("--strategy", default="anyres", choices=STRATEGIES, help="image strategy of the model")
     p.add_argument("--steps", type=int, default=300, help="optimiser steps")
     p.add_argument("--images", type=int, default=16, help="scenes per step (each cut into 1-5 views)")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -174,9 +174,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    tok = xgenmm.Tokenizer.from_pretrained(Path(args.data) / "tokenizer")
-    xgenmm.extend_tokenizer(tok)
-    m = train.toy_model(tok, args.strategy)  # the same new model train.py builds from scratch
+    m = XGenMM.from_tokenizer(Path(args.data) / "tokenizer", "tiny", args.strategy)  # as train.py builds one
     vit, config = m.vision_encoder.requires_grad_(True).train(), m.config
     probe = Probe(config.vision.hidden_size, config.text.hidden_size)
     params = list(vit.parameters()) + list(m.vision_tokenizer.parameters()) + list(probe.parameters())

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from tokenizer import DEFAULT_SYSTEM
 from toy.scenes import (COLOURS, POSITIONS, SHAPES, SIZES, VQA, WORDS, Sampler, describe, harmful_request,
                         hazard_question, norm, ocr_caption, preference)
 
@@ -392,9 +393,6 @@ PHI3_ADDED = (("<|endoftext|>", False), ("<|assistant|>", True), ("<|placeholder
               ("<|placeholder2|>", True), ("<|placeholder3|>", True), ("<|placeholder4|>", True),
               ("<|system|>", True), ("<|end|>", True), ("<|placeholder5|>", True), ("<|placeholder6|>", True),
               ("<|user|>", True))  # (content, rstrip), ids n..n+10, as in Phi-3's tokenizer_config.json
-DEFAULT_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                  "helpful, detailed, and polite answers to the user's questions.")  # the chat template's (SPEC 3)
-
 
 def write_tokenizer(folder, corpus, vocab_size=1000):
     """SentencePiece BPE on every line of text the world wrote, in the Hub layout of Phi-3's tokenizer."""
