@@ -7,6 +7,8 @@ Phi-3-mini, the language model of xGen-MM: the network, its loss, and its loader
 - Rotary position embedding in the "rotate-half" layout of the Hugging Face checkpoints (the two halves
   of each head are the pair, not interleaved even/odd features).
 - Sliding-window attention as Hugging Face applies it: query i sees keys j with i - window < j <= i.
+  attention.py does the attention; this file only describes the mask (causal, window, each row's key
+  range), so a padded batch or a sequence longer than the window never builds a (T, T) mask.
 - The 128k model's LongRoPE ("longrope", formerly "su") is implemented: per-frequency short/long factors,
   chosen by the current length, plus the attention scaling on cos/sin (generate.py rebuilds the cache
   when a generation crosses the switch point, as the reference does).
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 
 import generate as decoding
 import weights
+from attention import Mask, attention
 from fused import linear_cross_entropy
 from tokenizer import Tokenizer  # noqa: F401  (phi3.Tokenizer: the tokenizer lives in tokenizer.py)
 
@@ -177,20 +180,6 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def make_mask(q_pos, k_pos, key_valid, window):
-    """Boolean mask (B, 1, Tq, Tk), True = may attend: causal, sliding window, keys that are not padding.
-
-    q_pos (Tq,) and k_pos (Tk,) are slot indices; a query always sees its own slot, so padded queries
-    (whose outputs are never used) still have one visible key and produce no NaN.
-    """
-    diff = q_pos[:, None] - k_pos[None, :]  # (Tq, Tk)
-    allowed = diff >= 0
-    if window is not None:
-        allowed = allowed & (diff < window)
-    if key_valid is not None:
-        allowed = allowed & (key_valid[:, None, :] | (diff == 0))  # (B, Tq, Tk)
-    return allowed.unsqueeze(-3) if allowed.dim() == 3 else allowed[None, None]
-
 # -----------------------------------------------------------------------------
 # building blocks
 
@@ -223,11 +212,8 @@ class Attention(nn.Module):
         v = qkv[:, self.n_head + self.n_kv:]
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        if self.n_kv != self.n_head:
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
         p = self.cfg.attention_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
+        y = attention(q, k, v, mask, dropout_p=p)  # (B, heads, T, head_dim); kv heads shared by groups (GQA)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -326,23 +312,19 @@ class Phi3(nn.Module):
         return linear_cross_entropy(x, *self.head_weights(), targets, reduction)
 
     def attention_layout(self, B, T, device, attention_mask, position_ids, input_pos):
-        """(boolean mask (B or 1, 1, T, keys) or None for plain causal, positions (B, T)) for a forward call."""
+        """(attention.Mask, positions (B, T)) for a forward call: the mask described, never a (T, T) tensor."""
         window = self.config.sliding_window
-        if input_pos is not None:  # cached decoding: attend over every slot of the static cache
-            cache = self.model.layers[0].self_attn.kv_cache
-            if cache is None:
+        if input_pos is not None:  # cached decoding: the queries sit at slots input_pos of the static cache
+            if self.model.layers[0].self_attn.kv_cache is None:
                 raise RuntimeError("forward with input_pos needs a KV cache: call setup_cache (generate.py) first")
-            slots = torch.arange(cache.k.shape[2], device=device)
-            valid = None if attention_mask is None else attention_mask.bool()
+            keep = None if attention_mask is None else attention_mask.bool()
             pos = input_pos[None, :].expand(B, T) if position_ids is None else position_ids
-            return make_mask(input_pos, slots, valid, window), pos
-        slots = torch.arange(T, device=device)
-        if attention_mask is not None:  # padded rows: real tokens count their positions from 0
+            return Mask(causal=True, window=window, key_keep=keep, q_pos=input_pos), pos
+        if attention_mask is not None:  # padded rows, either side: one key range per row
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if position_ids is None else position_ids
-            return make_mask(slots, slots, attention_mask.bool(), window), pos
-        pos = slots[None, :].expand(B, T) if position_ids is None else position_ids
-        binding = window is not None and T > window  # the window binds only once T > window: then a mask
-        return (make_mask(slots, slots, None, window) if binding else None), pos
+            return Mask.from_padding(attention_mask, causal=True, window=window), pos  # real tokens count from 0
+        pos = torch.arange(T, device=device)[None, :].expand(B, T) if position_ids is None else position_ids
+        return Mask(causal=True, window=window), pos
 
     def head_weights(self):
         """lm_head's weight and bias, restricted to the first `output_vocab_size` rows when the config asks."""

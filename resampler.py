@@ -10,8 +10,8 @@ the LLM width. What is specific to this resampler:
 - Pre-LayerNorm residual layers (attention, then feed-forward), all Linear layers without bias, exact (erf)
   GELU and PyTorch's default LayerNorm eps 1e-5 -- unlike SigLIP's tanh-GELU and eps 1e-6.
 - A final LayerNorm, then `projection` (with bias) from the ViT width 1152 to the LLM width 3072.
-- The official attention subtracts the row max before its softmax; that is what softmax does anyway, so the
-  fused F.scaled_dot_product_attention with a boolean mask computes the same thing.
+- The official attention subtracts the row max before its softmax; that is what softmax does anyway, so
+  attention.py's fused attention with a key-keep vector (no per-query mask) computes the same thing.
 - Initialization is the constructor's: latents ~ N(0, 1) as in the official code, PyTorch defaults for
   Linear and LayerNorm. A fresh `PerceiverResampler(config)` is ready for pretraining.
 
@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import weights
+from attention import Mask, attention
 
 
 @dataclass
@@ -81,13 +82,13 @@ class PerceiverAttention(nn.Module):
         self.to_kv = nn.Linear(c.dim, 2 * inner, bias=False)  # [k | v] along the output
         self.to_out = nn.Linear(inner, c.dim, bias=False)
 
-    def forward(self, x, latents, keep=None):  # x (G, N, D), latents (G, L, D), keep (G, 1, 1, N+L) bool
+    def forward(self, x, latents, keep=None):  # x (G, N, D), latents (G, L, D), keep (G, N+L) bool
         G, L, _ = latents.shape
         x, latents = self.norm_media(x), self.norm_latents(latents)
         q = self.to_q(latents).view(G, L, self.heads, -1).transpose(1, 2)  # (G, H, L, Dh)
         kv = self.to_kv(torch.cat((x, latents), dim=1))  # (G, N+L, 2*H*Dh)
         k, v = kv.view(G, kv.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # 2 x (G, H, N+L, Dh)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (G, H, L, Dh), scale Dh^-0.5
+        y = attention(q, k, v, Mask(key_keep=keep))  # (G, H, L, Dh), scale Dh^-0.5
         return self.to_out(y.transpose(1, 2).reshape(G, L, -1))
 
 
@@ -142,7 +143,6 @@ class PerceiverResampler(nn.Module):
         keep = None
         if mask is not None:  # latent keys are always visible, so even an all-padding group has keys
             keep = torch.cat((mask.bool(), mask.new_ones(G, self.config.num_latents, dtype=torch.bool)), dim=1)
-            keep = keep[:, None, None, :]  # (G, 1, 1, N+L): one row for all heads and queries
         latents = self.latents.expand(G, -1, -1)  # (G, L, dim)
         for layer in self.layers:
             latents = layer(x, latents, keep)

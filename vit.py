@@ -10,6 +10,7 @@ What is specific to this ViT:
 - `post_layernorm` is applied to the last block's output; those normalized features are what xGen-MM uses.
 - The checkpoints carry an attention-pooling `head.*` (SigLIP's contrastive image embedding); xGen-MM never
   uses it, so the loader names and skips it and this module does not build it.
+- Attention is attention.py's, unmasked: every image is full size.
 - q, k and v live in one fused Linear (`qkv_proj`): one matmul instead of three. The checkpoints store them
   separately; the loader concatenates them and `official_state_dict` splits them again.
 
@@ -24,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import weights
+from attention import attention
 
 
 @dataclass
@@ -91,7 +93,7 @@ class Attention(nn.Module):
         N, P, D = x.shape
         qkv = self.qkv_proj(x).view(N, P, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (N, H, P, Dh): views, no copies
-        y = F.scaled_dot_product_attention(q, k, v)  # (N, H, P, Dh), scale Dh^-0.5
+        y = attention(q, k, v)  # (N, H, P, Dh), scale Dh^-0.5: no mask, so PyTorch's SDPA (attention.py)
         return self.out_proj(y.transpose(1, 2).reshape(N, P, D))
 
 
