@@ -17,7 +17,7 @@ all call `attention(q, k, v, mask)` here, with q (B, H, Tq, D) and k, v (B, Hkv,
   and `sdpa`, PyTorch's fused kernels given the smallest mask they need: none, one row of keys, or, where
   queries see different keys, one mask per chunk of 512 queries over the keys the chunk reaches.
 - `choose` picks per call: the Triton kernel on CUDA where queries see different keys (padding, a binding
-  window), SDPA elsewhere (on a CPU it beat the blockwise path: docs/benchmarks.md).
+  window), SDPA elsewhere (on a CPU it beat or matched the blockwise path: docs/benchmarks.md).
 - Cached decoding keeps its static KV cache: `Mask.q_pos` places the queries at cache slots, and that call
   goes to SDPA with a (B, 1, Tq, slots) mask (one row per decoded token).
 
@@ -290,8 +290,8 @@ def use(path):
 def choose(q, mask, dropout_p=0.0):
     """The path for this call: Triton on CUDA where queries see different keys (padding, a binding window),
     where SDPA would need a mask and so could not run its flash kernel; SDPA everywhere else, and for
-    decoding and dropout. The blockwise path is never chosen: on a CPU SDPA per chunk beat it
-    (docs/benchmarks.md); it is there to be read and to check the others. `use` overrides the choice."""
+    decoding and dropout. The blockwise path is never chosen: on a CPU SDPA per chunk beat it at 1-2k tokens
+    and matched it at 4k (docs/benchmarks.md); it is there to be read. `use` overrides the choice."""
     if mask.per_query(q.shape[2]) and mask.q_pos is None and dropout_p == 0 and q.is_cuda and triton_ready():
         return "triton"
     return "sdpa"
