@@ -1,14 +1,18 @@
-"""attention.py: every path (blockwise, SDPA, the Triton kernel in Triton's interpreter) equals the reference
-math, outputs and gradients, for every mask the model uses; the decoder on each path; no (T, T) mask."""
+"""attention.py: every path (blockwise, SDPA, the Triton kernel) equals the reference math, outputs and
+gradients, for every mask the model uses; the decoder on each path; no (T, T) mask. Without a GPU the Triton
+kernel runs on CPU tensors in Triton's interpreter; with one, compiled, on CUDA tensors."""
 import os
 import subprocess
 import sys
 from dataclasses import replace
 
-os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported: the kernel runs on CPU tensors
+import torch  # does not import triton: TRITON_INTERPRET below is read when triton is first imported
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton kernel's tests run
+if KERNEL_DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import attention  # noqa: E402
 import phi3  # noqa: E402
@@ -36,11 +40,16 @@ CASES = {
 # the last case is the resampler's: 8 latents read [36 media; 8 latents], padded media hidden, latents visible
 
 
-def inputs(kv_heads, Tq, Tk, seed=0):
+def inputs(kv_heads, Tq, Tk, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, Tq, D, generator=g)
     k, v = torch.randn(2, B, kv_heads, Tk, D, generator=g)
-    return [t.requires_grad_() for t in (q, k, v)], torch.randn(B, H, Tq, D, generator=g)
+    return [t.to(device).requires_grad_() for t in (q, k, v)], torch.randn(B, H, Tq, D, generator=g).to(device)
+
+
+def on(mask, device):
+    """The mask with its tensors moved to `device`."""
+    return replace(mask, **{f: t.to(device) for f, t in vars(mask).items() if torch.is_tensor(t)})
 
 
 def run(path, mask, qkv, grad_out):
@@ -49,10 +58,11 @@ def run(path, mask, qkv, grad_out):
     return (out.detach(), *torch.autograd.grad(out, qkv, grad_out))
 
 
-def errors(case, path):
+def errors(case, path, device="cpu"):
     """(max |output - reference|, max relative gradient error over q, k, v)."""
     mask, kv_heads, Tq, Tk = CASES[case]
-    qkv, grad_out = inputs(kv_heads, Tq, Tk)
+    mask = on(mask, device)
+    qkv, grad_out = inputs(kv_heads, Tq, Tk, device=device)
     ref = run("reference", mask, qkv, grad_out)
     got = run(path, mask, qkv, grad_out)
     assert got[0].shape == ref[0].shape and all(torch.isfinite(t).all() for t in got)
@@ -76,7 +86,7 @@ def test_pytorch_paths_equal_the_reference(case, path, small_tiles):
 @pytest.mark.parametrize("case", CASES)
 def test_triton_kernel_equals_the_reference(case):
     pytest.importorskip("triton")
-    out_err, grad_err = errors(case, "triton")
+    out_err, grad_err = errors(case, "triton", KERNEL_DEVICE)
     assert out_err <= 1e-5 and grad_err <= 1e-4
 
 
@@ -112,13 +122,14 @@ CFG = replace(phi3.PRESETS["tiny"], vocab_size=64, hidden_size=32, intermediate_
               num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
 
 
-def padded_step(path):
+def padded_step(path, device="cpu"):
     """Loss and every gradient of a training step on rows full, left-padded and right-padded, T > window."""
     torch.manual_seed(0)
-    model = phi3.Phi3(CFG).init_weights(std=0.2)
+    model = phi3.Phi3(CFG).init_weights(std=0.2).to(device)
     idx = torch.randint(3, 64, (3, 24))
     mask = torch.ones(3, 24, dtype=torch.long)
     mask[1, :7], mask[2, 15:] = 0, 0
+    idx, mask = idx.to(device), mask.to(device)
     with attention.use(path):
         loss = model(idx, idx.masked_fill(mask == 0, -100), attention_mask=mask)
     loss.backward()
@@ -127,10 +138,11 @@ def padded_step(path):
 
 @pytest.mark.parametrize("path", ["blockwise", "sdpa", "triton"])
 def test_decoder_training_step_equals_the_reference_path(path, small_tiles):
+    device = KERNEL_DEVICE if path == "triton" else "cpu"
     if path == "triton":
         pytest.importorskip("triton")
-    ref_loss, ref_grads = padded_step("reference")
-    loss, grads = padded_step(path)
+    ref_loss, ref_grads = padded_step("reference", device)
+    loss, grads = padded_step(path, device)
     assert (loss - ref_loss).abs() <= 1e-5
     assert max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, ref_grads)) <= 1e-4
 
@@ -175,9 +187,8 @@ for kernel, (bm, bn) in ((at.forward_kernel, (128, 64)), (at.backward_dkdv_kerne
 @pytest.mark.parametrize("case", ["causal", "left padding", "gqa", "cross, key padding"])
 def test_triton_bf16_on_gpu_errs_as_sdpa_does(case):
     mask, kv_heads, Tq, Tk = CASES[case]
-    mask = Mask(**{f: getattr(mask, f).cuda() if torch.is_tensor(getattr(mask, f)) else getattr(mask, f)
-                   for f in ("causal", "window", "key_start", "key_end", "key_keep")})
-    q, k, v = (t.detach().cuda() for t in inputs(kv_heads, Tq, Tk)[0])
+    mask = on(mask, "cuda")
+    q, k, v = (t.detach() for t in inputs(kv_heads, Tq, Tk, device="cuda")[0])
     ref = attention.reference(q, k, v, mask)
     low = [t.bfloat16() for t in (q, k, v)]
     sdpa_err = (attention.sdpa(*low, mask).float() - ref).abs().max()
