@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 import checkpoint
@@ -88,7 +87,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="first N records of each split")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's, as float32 on CPU)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: float32 on a CPU, bfloat16 on a GPU, whatever the checkpoint holds)")
     p.add_argument("--json", help="write {metrics, checkpoint, seconds, ...} here")
     p.add_argument("--predictions", help="write every prompt, answer and reference here (JSONL)")
     p.add_argument("--name", help="row name in the table (default: the checkpoint path)")
@@ -99,7 +99,7 @@ def main(argv=None):
         p.error("--checkpoint (or --summarize) is required")
 
     t0 = time.time()
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else None)
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")  # training saves fp32 weights
     try:
         path = checkpoint.resolve(args.checkpoint)
         m = XGenMM.from_pretrained(path, dtype=dtype, device=args.device).eval()
