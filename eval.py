@@ -7,8 +7,10 @@ measured), or on the paper's public benchmarks in their official files (docs/eva
     python eval.py run --checkpoint CKPT --task vqav2 --data QUESTIONS.json ANNOTATIONS.json --images val2014
     python eval.py score --task vqa --predictions answers.json --references ANNOTATIONS.json
 
-`run` and `score` (evals/: the readers of the official files, the official metrics, the paper's prompts)
-take --help of their own. The toy suite is below:
+`run` and `score` take --help of their own; evals/ holds the readers of the official files, the official
+metrics and the paper's prompts. The benchmarks (`run --task`): coco, nocaps, textcaps (CIDEr-D, BLEU-4);
+vqav2, okvqa, textvqa, vizwiz (VQA accuracy); pope (accuracy, precision, recall, F1, yes ratio); mmbench,
+seed, scienceqa, ai2d (multiple choice, circular for MMBench). The toy suite is below:
 
 Every answer is generated (greedy, batched, with the KV cache) from the same prompt a user would type, then
 scored by the plain functions of toy/tasks.py; nothing looks at the model's logits.
@@ -76,7 +78,7 @@ def toy_main(argv):
     p.add_argument("--checkpoint", help="an xGen-MM checkpoint, or a run directory (its newest)")
     p.add_argument("--summarize", metavar="RUN", help="instead: collect RUN/eval/<stage>.json into RUN/results.json "
                    "and RUN/results.md (what toy/run_toy.sh prints at the end)")
-    p.add_argument("--suite", default="toy", choices=["toy"], help="the benchmark suite (default: toy)")
+    p.add_argument("--suite", default="toy", choices=["toy"], help="the toy suite (the public benchmarks: `eval.py run`)")
     p.add_argument("--data", default="data/toy", help="the toy world folder (holds test/, default: data/toy)")
     p.add_argument("--splits", nargs="+", default=list(tasks.SPLITS), choices=tasks.SPLITS, help="test splits to run")
     p.add_argument("--prompt", default="chat", choices=["chat", "plain"],

@@ -61,6 +61,8 @@ def score_main(argv):
         fmt, records = readers.load(args.references, split=args.split)
         if readers.KINDS[fmt] != args.task:
             fail(f"{args.references[0]}: a {fmt} file holds {readers.KINDS[fmt]} references, not {args.task}")
+        if not readers.has_answers(args.task, records):
+            fail(f"{args.references[0]}: the references hold no answers to score against (a test split?)")
         answers = readers.read_predictions(args.predictions)
         if args.task == "choice":
             records = readers.with_rotations(records, answers)

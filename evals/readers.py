@@ -31,7 +31,10 @@ asks a model about. A file is recognised by its content, not its name (docs/eval
 
 Bad input is a BadSample naming the file and the record: a missing image, a question without annotations, a
 malformed TSV row or JSON line, a record without the fields its format needs.
-References: each benchmark's paper and release (docs/evaluation.md lists them).
+References: VQAv2 (arXiv 1612.00837), OK-VQA (1906.00067), TextVQA (1904.08920), VizWiz (1802.08218), COCO
+Captions (1504.00325) and the Karpathy split (1412.2306), NoCaps (1812.08658), TextCaps (2003.12462), POPE
+(2305.10355), MMBench (2307.06281), SEED-Bench (2307.16125), ScienceQA (2209.09513), AI2D (1603.07396), and
+each one's released files (docs/evaluation.md: where to download them).
 """
 import base64
 import binascii
@@ -65,7 +68,8 @@ def read_json(path):
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         try:
-            rows.append(json.loads(line)) if line.strip() else None
+            if line.strip():
+                rows.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise BadSample(f"{path}:{n}", f"malformed JSON line ({e})", "bad json") from None
     return rows
@@ -80,9 +84,13 @@ def sniff(path):
         if (path / "questions").is_dir():
             return "ai2d", path
         raise BadSample(str(path), "a folder, but not AI2D's (no questions/ inside)", "unknown format")
-    if path.suffix.lower() in (".tsv", ".csv") and "index" in path.open(encoding="utf-8").readline().split("\t"):
-        return "mmbench", path
+    if path.suffix.lower() == ".tsv":
+        with path.open(encoding="utf-8") as f:
+            if "index" in f.readline().rstrip("\n").split("\t"):
+                return "mmbench", path
     doc = read_json(path)
+    if isinstance(doc, dict) and {"label", "text"} <= set(doc):
+        doc = [doc]  # a POPE file of one line
     first = lambda rows: rows[0] if isinstance(rows, list) and rows and isinstance(rows[0], dict) else {}
     if isinstance(doc, list):
         row = first(doc)
@@ -238,25 +246,28 @@ def pope(path, doc, images):
 
 
 def mmbench(path, images):
-    """An MMBench-layout TSV; images decoded from base64 (or read from image_path)."""
+    """An MMBench-layout TSV (as pandas writes it: tab-separated, quoted where a cell holds a tab, a quote
+    or a newline); images decoded from base64, or read from an image_path column."""
     csv.field_size_limit(sys.maxsize)  # a base64 image is one very long cell
+    out, cells = [], {}
     with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    head, out, cells = rows[0], [], {}
-    for n, row in enumerate(rows[1:], 2):
-        where = f"{path}:{n}"
-        if len(row) != len(head):
-            raise BadSample(where, f"{len(row)} tab-separated fields, the header has {len(head)}", "malformed row")
-        r = dict(zip(head, row))
-        index, question = need(r, ("index", "question"), where)
-        options = {c: r[c] for c in string.ascii_uppercase if r.get(c, "").strip() not in ("", "nan")}
-        if len(options) < 2 or (r.get("answer") and r["answer"] not in options):
-            raise BadSample(where, f"options {sorted(options)} and answer {r.get('answer')!r} do not fit", "bad options")
-        cells[index] = r.get("image", "")
-        hint = r.get("hint", "")
-        out.append({"id": int(index) if index.lstrip("-").isdigit() else index, "question": question,
-                    "hint": "" if hint == "nan" else hint, "options": options, "answer": r.get("answer") or None,
-                    "category": r.get("category"), "image": r.get("image_path"), "where": where})
+        rows = csv.reader(f, delimiter="\t")
+        head = next(rows)
+        for row in rows:
+            where = f"{path}:{rows.line_num}"
+            if len(row) != len(head):
+                raise BadSample(where, f"{len(row)} tab-separated fields, the header has {len(head)}", "malformed row")
+            r = dict(zip(head, row))
+            index, question = need(r, ("index", "question"), where)
+            options = {c: r[c] for c in string.ascii_uppercase if r.get(c, "").strip() not in ("", "nan")}
+            if len(options) < 2 or (r.get("answer") and r["answer"] not in options):
+                raise BadSample(where, f"options {sorted(options)} and answer {r.get('answer')!r} do not fit",
+                                "bad options")
+            cells[index] = r.get("image", "")
+            hint = r.get("hint", "")
+            out.append({"id": int(index) if index.lstrip("-").isdigit() else index, "question": question,
+                        "hint": "" if hint == "nan" else hint, "options": options, "answer": r.get("answer") or None,
+                        "category": r.get("category"), "image": r.get("image_path"), "where": where})
     for r in out:
         where = r.pop("where")
         if r["image"] is not None:
@@ -354,11 +365,18 @@ def load(paths, images=None, split="test"):
     return fmt, readers[fmt](path, doc, images)
 
 
+def has_answers(kind, records):
+    """Do the files hold what scoring needs (test-dev and MMBench's test split do not)?"""
+    field = {"vqa": "answers", "caption": "captions", "pope": "label", "choice": "answer"}[kind]
+    return all(r.get(field) is not None for r in records)
+
+
 def read_predictions(path):
     """{str(id): answer} from a JSON list or JSON lines in the challenges' formats: [{"question_id", "answer"}],
     [{"image_id", "caption"}], [{"index" or "question_id", "answer"}], VizWiz's [{"image", "answer"}]; a
     line {"run": ...} (eval.py run's header) is skipped."""
     rows = read_json(path)
+    rows = [rows] if isinstance(rows, dict) else rows  # JSON lines of one line
     if not isinstance(rows, list):
         raise BadSample(str(path), "predictions must be a JSON list (or JSON lines) of objects", "bad predictions")
     out = {}

@@ -4,7 +4,7 @@ A model on a benchmark: batched greedy answers, written as they come, scored whe
 - `answer` is the one generation loop (the toy suite's too): prompts of one shape (image count, answer
   budget) are batched, shortest first, and generated greedily with the KV cache; generation stops at the
   model's stop ids and at `<|endofchunk|>`, the end of an interleaved chunk.
-- The predictions file is JSON lines: a header {"run": {task, checkpoint, prompt, shots, ...}}, then one
+- The predictions file is JSON lines: a header {"run": {task, checkpoint, data, prompt, shots, ...}}, then one
   line per answer in the challenge's own format ({"question_id", "answer"}, {"image_id", "caption"},
   {"index", "answer"}, VizWiz's {"image", "answer"}) plus the raw generated text. Each batch is appended and
   flushed, so an interrupted run loses at most one batch: a rerun with the same file answers only what is
@@ -57,7 +57,7 @@ def answer(m, queries, batch_size, device="cpu", open_image=load_image, done=Non
         encoded = sorted(((m.tokenizer.encode(q.prompt), q) for q in group), key=lambda p: len(p[0]))
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i:i + batch_size]
-            images = [[open_image(p) for p in q.images] for _, q in chunk]
+            images = [pictures(q, open_image) for _, q in chunk]
             pixels = Images.from_pil(images, m.config).to(device) if any(images) else None
             out = m.generate([ids for ids, _ in chunk], pixels, max_new_tokens=max_new, stop_ids=stop)
             for (_, q), row in zip(chunk, out.tolist()):
@@ -67,6 +67,12 @@ def answer(m, queries, batch_size, device="cpu", open_image=load_image, done=Non
                 done([q for _, q in chunk])
             bar.update(len(chunk))
     bar.close()
+
+def pictures(q, open_image):
+    try:
+        return [open_image(p) for p in q.images]
+    except BadSample as e:  # name the record the image belongs to
+        raise BadSample(f"record {q.id}", str(e), e.reason) from None
 
 # -----------------------------------------------------------------------------
 # the predictions file
@@ -94,18 +100,14 @@ def resume(path, header):
 
 
 def write(f, fmt, kind, batch):
+    """Append a batch of answers in the challenge's format, and flush: what is written survives a kill."""
+    key, said = ID_KEY.get(fmt, "question_id"), "caption" if kind == "caption" else "answer"
     for q in batch:
-        key, said = ID_KEY.get(fmt, "question_id"), "caption" if kind == "caption" else "answer"
         f.write(json.dumps({key: q.id, said: q.answer, "raw": q.raw}) + "\n")
     f.flush()
 
 # -----------------------------------------------------------------------------
 # a benchmark run
-
-
-def references_complete(kind, records):
-    field = {"vqa": "answers", "caption": "captions", "pope": "label", "choice": "answer"}[kind]
-    return all(r.get(field) is not None for r in records)
 
 
 def records_for(args):
@@ -117,7 +119,7 @@ def records_for(args):
                         f"{' or '.join(TASKS[args.task])} (docs/evaluation.md)", "wrong task")
     kind = readers.KINDS[fmt]
     records = records[:args.limit] if args.limit else records
-    if getattr(args, "circular", False):
+    if args.circular:
         records = readers.with_rotations(records)
     pool = []
     if args.demos:
@@ -134,23 +136,24 @@ def run_benchmark(m, args, path):
                for r in records]
     for q in queries:
         q.max_new = args.max_new_tokens or q.max_new
-    header = {"task": args.task, "checkpoint": str(path), "data": [str(p) for p in args.data], "prompt": args.prompt,
-              "shots": args.shots, "seed": args.seed, "ocr_tokens": args.ocr_tokens, "circular": args.circular}
+    header = {"task": args.task, "checkpoint": str(path), "data": [str(Path(p).resolve()) for p in args.data],
+              "prompt": args.prompt, "shots": args.shots, "seed": args.seed, "query_set_size": args.query_set_size,
+              "ocr_tokens": args.ocr_tokens, "circular": args.circular, "max_new_tokens": args.max_new_tokens}
     done = resume(args.predictions, header)
     todo = [q for q in queries if str(q.id) not in done]
     print(f"{len(records)} records, {len(done)} answered before, {len(todo)} to answer -> {args.predictions}",
           file=sys.stderr)
 
-    def finish(batch):
-        for q in batch:
-            q.answer = prompts.read_answer(q.raw, kind, args.prompt)
-        write(f, fmt, kind, batch)
-
     with open(args.predictions, "a") as f:
+        def finish(batch):  # each batch: the answer read back from the text, then onto the disk
+            for q in batch:
+                q.answer = prompts.read_answer(q.raw, kind, args.prompt)
+            write(f, fmt, kind, batch)
+
         answer(m, todo, args.batch_size, args.device, done=finish, progress=not args.quiet)
     answers = {i: r.get("caption", r.get("answer")) for i, r in done.items()}
     answers.update({str(q.id): q.answer for q in todo})
-    if not references_complete(kind, records):
+    if not readers.has_answers(kind, records):
         return None, fmt, len(records)
     return metrics.score(kind, records, answers), fmt, len(records)
 

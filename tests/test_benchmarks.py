@@ -5,8 +5,6 @@ import base64
 import io
 import json
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,7 +221,8 @@ def write_benchmarks(d):
         "licenses": [], "info": {"version": "0.1"},
         "images": [{"id": i, "open_images_id": f"{i:016x}", "file_name": f"{i:016x}.jpg", "domain": "in-domain",
                     "height": 30, "width": 40} for i in range(3)],
-        "annotations": [{"image_id": i, "id": 10 * i + k, "caption": f"a thing {k}"} for i in range(3) for k in range(2)]})
+        "annotations": [{"image_id": i, "id": 10 * i + k, "caption": f"a thing {k}"}
+                        for i in range(3) for k in range(2)]})
     # TextCaps 0.1: one entry per caption, each with all references
     for i in range(2):
         save(picture(40 + i), d / "textcaps" / "train_images" / f"{i:016x}.jpg")
@@ -233,14 +232,15 @@ def write_benchmarks(d):
         for i in range(2) for k in range(2)]})
     # POPE: JSON lines over COCO val2014 images
     f["pope"] = dump(d / "pope" / "coco_pope_random.json", [
-        {"question_id": q, "image": f"COCO_val2014_{1 + q // 2:012d}.jpg", "text": f"Is there a cat in the image?",
+        {"question_id": q, "image": f"COCO_val2014_{1 + q // 2:012d}.jpg", "text": "Is there a cat in the image?",
          "label": "yes" if q % 2 == 0 else "no"} for q in range(4)], lines=True)
     # an MMBench-layout TSV: base64 images, a row that points to another row's image
     head = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source",
             "l2-category", "comment", "split"]
     image = base64.b64encode(jpeg_bytes(picture(50))).decode()
     rows = [[0, "What colour is it?", "nan", "red", "green", "blue", "nan", "B", "attribute", image, "x", "c", "", "dev"],
-            [1, "Which one?", "Look closely.", "cat", "dog", "cow", "pig", "D", "object", image, "x", "c", "", "dev"],
+            [1, '"Which one?\nPick one."', "Look closely.", "cat", "dog", "cow", "pig", "D", "object", image, "x",
+             "c", "", "dev"],  # pandas quotes a cell that holds a newline
             [2, "Same picture?", "nan", "yes", "no", "nan", "nan", "A", "object", "0", "x", "c", "", "dev"]]
     f["mmbench"] = d / "mmbench" / "MMBench_DEV_EN.tsv"
     f["mmbench"].parent.mkdir(parents=True)
@@ -310,7 +310,8 @@ def test_readers_read_each_format(files):
     assert fmt == "pope" and [r["label"] for r in rs] == ["yes", "no", "yes", "no"]
     fmt, rs = readers.load([files["mmbench"]], d)
     assert fmt == "mmbench" and rs[0]["options"] == {"A": "red", "B": "green", "C": "blue"} and rs[0]["hint"] == ""
-    assert rs[1]["hint"] == "Look closely." and rs[2]["image"] == rs[0]["image"]  # the short cell names row 0
+    assert rs[1]["hint"] == "Look closely." and rs[1]["question"] == "Which one?\nPick one."
+    assert rs[2]["image"] == rs[0]["image"]  # the short cell names row 0
     assert Image.open(io.BytesIO(rs[2]["image"])).size == (40, 30)
     fmt, rs = readers.load([files["seed"]], d / "seed")
     assert fmt == "seed" and len(rs) == 2 and rs[0]["category"] == "Scene Understanding"
@@ -420,8 +421,8 @@ def test_run_then_score_each_benchmark(capsys, files, tmp_path, task):
     preds, out = tmp_path / "p.jsonl", tmp_path / "r.json"
     code, stdout, errors = call(capsys, "run", "--checkpoint", files["ckpt"], "--task", task, "--data",
                                 *[path_of(files, n) for n in data], "--images", files["root"] / images,
-                                "--predictions", preds, "--json", out, "--batch-size", 4, "--max-new-tokens", 3, "--quiet",
-                                *extra)
+                                "--predictions", preds, "--json", out, "--batch-size", 4, "--max-new-tokens", 3,
+                                "--quiet", *extra)
     assert code == 0, errors
     saved = json.loads(out.read_text())
     kind = readers.KINDS[saved["format"]]
@@ -476,7 +477,7 @@ def test_run_task_toy_is_the_toy_evaluator(monkeypatch, files):
 def test_predictions_without_answers_in_the_files(capsys, files, tmp_path):
     """VQAv2 test-dev has no annotations: the answers are written, nothing is scored."""
     code, out, errors = call(capsys, "run", "--checkpoint", files["ckpt"], "--task", "vqav2", "--data",
-                             files["vqa_q_val2014"], "--images", files["root"] / "coco", "--quiet", "--max-new-tokens", 2,
+                             files["vqa_q_val2014"], "--images", files["root"] / "coco", "--max-new-tokens", 2, "--quiet",
                              "--predictions", tmp_path / "p.jsonl")
     assert code == 0 and "no answers to score them against" in out
     assert len(readers.read_predictions(tmp_path / "p.jsonl")) == 4
@@ -492,15 +493,15 @@ def bad_files(files, d):
     qs = json.loads(files["vqa_q_val2014"].read_text())
     qs["questions"].append({"image_id": 1, "question": "Orphan?", "question_id": 777})
     tsv = files["mmbench"].read_text().splitlines()
-    short = tsv[:2] + ["\t".join(tsv[2].split("\t")[:5])]
-    b64 = tsv[:2] + [tsv[2].replace(tsv[2].split("\t")[9], "%%%not-base64%%%")]
+    short = tsv[:1] + ["\t".join(tsv[1].split("\t")[:5])] + tsv[2:]
+    b64 = tsv[:1] + [tsv[1].replace(tsv[1].split("\t")[9], "%%%not-base64%%%")] + tsv[2:]
     return {
         "missing image": (["--task", "pope", "--data", dump(d / "pope.json", pope, lines=True)],
                           ["pope.json:3", "COCO_val2014_000000000999.jpg", "does not exist"]),
         "no annotation": (["--task", "vqav2", "--data", dump(d / "q.json", qs), files["vqa_a_val2014"]],
                           ["q.json: question 4", "question_id 777 has no annotation"]),
-        "malformed TSV row": (["--task", "mmbench", "--data", d / "short.tsv"], ["short.tsv:3", "5 tab-separated"]),
-        "bad base64": (["--task", "mmbench", "--data", d / "b64.tsv"], ["b64.tsv:3", "not base64"]),
+        "malformed TSV row": (["--task", "mmbench", "--data", d / "short.tsv"], ["short.tsv:2", "5 tab-separated"]),
+        "bad base64": (["--task", "mmbench", "--data", d / "b64.tsv"], ["b64.tsv:2", "not base64"]),
         "malformed JSON line": (["--task", "pope", "--data", d / "cut.json"], ["cut.json:2", "malformed JSON"]),
         "wrong task": (["--task", "coco", "--data", files["pope"]], ["a pope file; task coco reads"]),
     }, short, b64
