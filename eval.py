@@ -4,6 +4,7 @@ measured), or on the paper's public benchmarks in their official files (docs/eva
 
     python eval.py --checkpoint out/sft --data data/toy                     # the toy suite: a markdown table
     python eval.py --checkpoint out/pretrain --prompt plain --json out/pretrain/eval.json
+    python eval.py --summarize out/toy                                      # toy/run_toy.sh's stages x metrics
     python eval.py run --checkpoint CKPT --task vqav2 --data QUESTIONS.json ANNOTATIONS.json --images val2014
     python eval.py score --task vqa --predictions answers.json --references ANNOTATIONS.json
 

@@ -121,11 +121,15 @@ def records_for(args):
     records = records[:args.limit] if args.limit else records
     if args.circular:
         records = readers.with_rotations(records)
-    pool = []
+    pool, where = [], " ".join(map(str, args.demos or args.data))
     if args.demos:
-        pool = readers.load(args.demos, args.demo_images or Path(args.demos[0]).parent, split="train")[1]
+        found, pool = readers.load(args.demos, args.demo_images or Path(args.demos[0]).parent, split="train")
+        if readers.KINDS[found] != kind:
+            raise BadSample(where, f"demonstrations from a {found} file for a {fmt} benchmark", "wrong demos")
     elif fmt in ("karpathy", "scienceqa") and (args.shots or args.prompt == "plain"):
         pool = readers.load(args.data, images, split="train")[1]  # the same file's training split
+    if not readers.has_answers(kind, pool):
+        raise BadSample(where, "the demonstrations have no answers (VQA: pass the annotations file too)", "no answers")
     return fmt, kind, records, prompts.query_set(pool, args.seed, args.query_set_size)
 
 

@@ -504,6 +504,9 @@ def bad_files(files, d):
         "bad base64": (["--task", "mmbench", "--data", d / "b64.tsv"], ["b64.tsv:2", "not base64"]),
         "malformed JSON line": (["--task", "pope", "--data", d / "cut.json"], ["cut.json:2", "malformed JSON"]),
         "wrong task": (["--task", "coco", "--data", files["pope"]], ["a pope file; task coco reads"]),
+        "demos without answers": (["--task", "okvqa", "--data", files["vqa_q_val2014"], "--shots", 1, "--demos",
+                                   files["vqa_q_train2014"], "--demo-images", files["root"] / "coco"],
+                                  ["train2014_questions.json", "have no answers"]),
     }, short, b64
 
 
