@@ -6,7 +6,8 @@ eval.py's two benchmark commands: `score` (a prediction file against the officia
     python eval.py run --checkpoint CKPT --task coco --data dataset_coco.json --images coco2014 --prompt plain --shots 4
 
 Bad input (a missing image, a question without annotations, a malformed row, predictions that miss some
-questions) ends with one line `eval.py: error: FILE: RECORD: what is wrong` and exit status 2.
+questions) ends with one line `eval.py: error: FILE: RECORD: what is wrong` and exit status 2, as sample.py's
+errors do; --help texts name the official files each flag takes.
 """
 import argparse
 import json

@@ -63,8 +63,9 @@ def strip_answer(text):
 
 
 def process_punctuation(text):
-    """Each mark is deleted where it touches a space (or when the text has a digit,digit comma anywhere: then
-    '1,000' -> '1000'), else replaced by a space ('yes/no' -> 'yes no'); a period not before a digit goes."""
+    """A mark is deleted everywhere if it touches a space anywhere in the text, or if the text has a digit,digit
+    comma ('1,000' -> '1000'); else each is replaced by a space ('yes/no' -> 'yes no'). Then a period not
+    before a digit goes."""
     out = text
     number = COMMA_IN_NUMBER.search(text) is not None
     for p in PUNCTUATION:

@@ -12,6 +12,9 @@ A model on a benchmark: batched greedy answers, written as they come, scored whe
   or shots) is refused rather than mixed in. `eval.py score` reads the file as it is.
 - The result: the metrics of evals/metrics.py as a markdown row like the paper's tables (percentages;
   CIDEr-D x 100) and JSON.
+
+References: the VQA challenge's and COCO caption challenge's results formats (visualqa.org, cocodataset.org);
+OpenFlamingo's evaluate.py, whose loop this follows (batches of prompts, post-processed answers).
 """
 import json
 import sys

@@ -24,6 +24,7 @@ from tokenizer import chat_prompt
 @pytest.mark.parametrize("text, out, rule", [
     ("yes/no", "yes no", "a mark that touches no space becomes a space"),
     ("hi !", "hi ", "a mark next to a space is deleted"),
+    ("a-b - c", "ab  c", "the choice is made per mark for the whole text: one '-' touches a space, all go"),
     ("1,000", "1000", "a digit,digit comma anywhere: every mark is deleted, the digits join"),
     ("red, blue", "red blue", "', ' touches a space: deleted"),
     ("3.5", "3.5", "a period before a digit stays"),
