@@ -13,6 +13,8 @@ The one-GPU check: what only a GPU (and NCCL) can show, in one command of at mos
 5. The release's size, a random 4.4B checkpoint in its layout (bench.full): load time, prefill and decoding
    at batch 1 and 8, eager and compiled (CUDA graphs), against the memory-bandwidth bound; the training step
    with bf16 and fp32 weights; then sample.py on that checkpoint (load, first token, decode speed).
+6. attention.py's Triton kernel compiled: tests/test_attention.py on CUDA tensors, then bench.attention (the
+   kernel against SDPA flash / mem-efficient at 1k/2k/4k, a padded Phi-3-mini training step; ~2 minutes).
 
 Each step's outcome goes into the table: a failure is reported with its last lines, and the next step runs.
 """
@@ -162,6 +164,23 @@ def release_size(args, out):
     return rows
 
 
+def attention_kernel(args, out):
+    """Step 6: the Triton kernel's tests compiled on the GPU, then its figures against SDPA (bench.attention)."""
+    quick = ["-k", "dispatch"] if args.quick else []  # the plumbing: the interpreted kernel takes minutes on a CPU
+    s, code, tail = shell(out / "attention-tests.log", "-m", "pytest", "-q", "-p", "no:cacheprovider", *quick,
+                          "tests/test_attention.py")
+    rows = {"tests/test_attention.py, the Triton kernel on this device": (code == 0, f"{s:.0f} s",
+                                                                         tail[-1:] if code == 0 else tail)}
+    sizes = (["--lengths", "128", "--repeats", "1", "--heads", "2", "--head-dim", "16", "--preset", "tiny",
+              "--layers", "1"] if args.quick else [])
+    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    s, code, tail = shell(out / "attention.log", "-m", "bench.attention", "--device", args.device, "--dtype", dtype,
+                          *sizes, "--json", out / "attention.json")
+    rows["bench.attention: Triton vs SDPA (docs/benchmarks.md, Attention)"] = (code == 0, f"{s:.0f} s",
+                                                                                "see attention.log" if code == 0 else tail)
+    return rows
+
+
 def release_tokenizer(ckpt):
     """Tokenizer files for the random checkpoint (the release's are not here): a 32,000-piece SentencePiece
     model trained on random words, with Phi-3's added tokens at their real ids 32000-32010, so the loader
@@ -196,14 +215,16 @@ def main():
     if not (world / "world.json").is_file():
         shell(out / "world.log", "-m", "toy.toyworld", "--out", world, "--size", "small")
     t0 = time.perf_counter()
-    rows = distributed_checks(args, out, world) | small_training(args, out) | release_size(args, out)
+    rows = (distributed_checks(args, out, world) | small_training(args, out) | release_size(args, out)
+            | attention_kernel(args, out))
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     lines = [f"| {k} | {'ok' if ok else 'FAILED'} | {t} | {' / '.join(d) if isinstance(d, list) else d} |"
              for k, (ok, t, d) in rows.items()]
     report(f"| {name}, {time.perf_counter() - t0:.0f} s in all | outcome | time | figures |", lines,
            {k: {"ok": ok, "time": t, "figures": d} for k, (ok, t, d) in rows.items()}, out / "summary.json")
-    if (out / "full.json").is_file():
-        print((out / "full.log").read_text().split("\n| ", 1)[-1][:4000])
+    for log in ("full.log", "attention.log"):  # their tables, after the summary
+        if (out / log).is_file():
+            print((out / log).read_text().split("\n| ", 1)[-1][:4000])
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     sys.exit(0 if all(ok for ok, _, _ in rows.values()) else 1)
 
