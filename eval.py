@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import checkpoint
 import weights
+from formats import image_ref
 from images import Images, load_image
 from model import XGenMM
 from tokenizer import DEFAULT_SYSTEM
@@ -50,7 +51,8 @@ def answer_all(m, items, root, batch_size, device, progress=True):
         encoded = sorted(((m.tokenizer.encode(it.prompt), it) for it in group), key=lambda p: len(p[0]))
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i:i + batch_size]
-            images = [[load_image(root / p) for p in it.images] for _, it in chunk]
+            images = [[load_image(image_ref(p, root, f"{it.metric} record {it.record.get('id')}")) for p in it.images]
+                      for _, it in chunk]
             pixels = Images.from_pil(images, m.config).to(device) if any(images) else None
             out = m.generate([ids for ids, _ in chunk], pixels, max_new_tokens=max_new, stop_ids=stop)
             for (_, it), row in zip(chunk, out.tolist()):
@@ -107,8 +109,11 @@ def main(argv=None):
         p.exit(2, f"eval.py: error: {e}\n")
     if m.tokenizer is None:
         p.exit(2, f"eval.py: error: {path} has no tokenizer files\n")
-    metrics = evaluate(m, args.data, args.splits, args.prompt, limit=args.limit, batch_size=args.batch_size,
-                       device=args.device, predictions=args.predictions)
+    try:
+        metrics = evaluate(m, args.data, args.splits, args.prompt, limit=args.limit, batch_size=args.batch_size,
+                           device=args.device, predictions=args.predictions)
+    except (ValueError, OSError) as e:  # a test split or an image that cannot be read (BadSample names it)
+        p.exit(2, f"eval.py: error: {e}\n")
     seconds = round(time.time() - t0, 1)
     print(tasks.table([(args.name or str(args.checkpoint), metrics)]))
     print(f"{seconds} s, {args.prompt} prompts, {path}")

@@ -28,14 +28,6 @@ GRAD_NORM = 1e-4
 FAST = ["--workers", "0", "--max-len", "512", "--log-every", "1", "--save-every", "100", "--lr", "1e-3"]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from toy import toyworld
-    out = tmp_path_factory.mktemp("world")
-    toyworld.write_world(out, seed=0, size="small")
-    return out
-
-
 def run(world, out, *extra, mixture="pretrain"):
     train.main(["--data", str(world / "mixtures" / f"{mixture}.json"), "--out-dir", str(out), *FAST, *extra])
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -57,13 +49,18 @@ def same_updates(a, b):
     assert all(abs(x["grad_norm"] - y["grad_norm"]) <= GRAD_NORM * y["grad_norm"] for x, y in zip(a, b))
 
 
+def sft_rows(world, tmp_path, name, rows):
+    """LLaVA rows as a one-source mixture config in tmp_path whose image folder is the world (the rows name
+    their images relative to it, as the world's own files do)."""
+    (tmp_path / f"{name}.rows.json").write_text(json.dumps(rows))
+    mix = {"sources": [{"name": name, "type": "llava", "path": f"{name}.rows.json", "image_folder": str(world)}]}
+    (tmp_path / f"{name}.json").write_text(json.dumps(mix))
+    return tmp_path / f"{name}.json"
+
+
 def test_loss_falls_and_the_frozen_vit_stays(world, tmp_path):
-    one = tmp_path / "one.json"  # two samples: every batch is the same two, so the loss must fall
     rows = json.loads((world / "sft" / "llava_sft.json").read_text())[:2]
-    for r in rows:
-        if "image" in r:
-            r["image"] = str(world / r["image"])
-    one.write_text(json.dumps(rows))
+    one = sft_rows(world, tmp_path, "one", rows)  # two samples: every batch is the same two, so the loss must fall
     train.main(["--data", str(one), "--tokenizer", str(world / "tokenizer"), "--out-dir", str(tmp_path / "a"),
                 "--batch-size", "2", "--max-steps", "8", "--no-train-vit", *FAST])
     log = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -143,11 +140,8 @@ def test_preset_sizes_a_new_model_and_conflicts_with_init(tmp_path):
 
 def test_bad_samples_are_skipped_and_counted(world, tmp_path):
     rows = json.loads((world / "sft" / "llava_sft.json").read_text())[:12]
-    for r in rows:
-        if "image" in r:
-            r["image"] = str(world / r["image"])
-    rows[1]["image"] = str(tmp_path / "missing.png")
-    (tmp_path / "bad.json").write_text(json.dumps(rows))
+    rows[1]["image"] = "images/missing.png"
+    sft_rows(world, tmp_path, "bad", rows)
     train.main(["--data", str(tmp_path / "bad.json"), "--tokenizer", str(world / "tokenizer"), "--out-dir",
                 str(tmp_path / "b"), "--batch-size", "4", "--max-steps", "3", "--max-bad-fraction", "0.5", *FAST])
     log = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
