@@ -413,7 +413,8 @@ class VLGuard(Llava):
         where = f"{self.path} id={ident(row.get('id', '?')) if isinstance(row, dict) else '?'} entry {k}"
         entry = row.get("instr-resp") if isinstance(row, dict) else None
         entry = entry[k] if isinstance(entry, list) and k < len(entry) and isinstance(entry[k], dict) else {}
-        question = next((entry[f] for f in ("instruction", "safe_instruction", "unsafe_instruction") if f in entry), None)
+        fields = ("instruction", "safe_instruction", "unsafe_instruction")
+        question = next((entry[f] for f in fields if f in entry), None)
         response = entry.get("response")
         if not isinstance(question, str) or not isinstance(response, str):
             raise BadSample(where, "a VLGuard entry needs a string instruction (or safe_/unsafe_instruction) and a "

@@ -316,6 +316,15 @@ def test_a_source_whose_every_shard_is_unreadable_does_not_open(crafted):
         data.open_sources(mix, "")
 
 
+@pytest.mark.parametrize("content, says", [(b"[]", "has no records"), (b'["\xff"]', "not UTF-8"),
+                                           (b"[" * 100_000, "nested too deeply"), (b"[{", "malformed JSON")])
+def test_a_json_list_file_that_cannot_be_read_does_not_open(tmp_path, content, says):
+    (tmp_path / "rows.json").write_bytes(content)
+    (tmp_path / "mix.json").write_text(json.dumps({"sources": [{"name": "s", "type": "llava", "path": "rows.json"}]}))
+    with pytest.raises(data.DataError, match=says):
+        data.open_sources(tmp_path / "mix.json", "")
+
+
 def test_data_uris_and_long_names(enc, tmp_path):
     (tmp_path / "images").mkdir()
     good = "data:image/png;base64," + base64.b64encode(png()).decode()
@@ -453,7 +462,7 @@ def test_config_sizes_are_checked_before_anything_is_built(tiny_ckpt, tmp_path):
     d = copy_of(tiny_ckpt, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
     for part, field, value, says in [
-            ("text_config", "num_hidden_layers", 20000, "num_hidden_layers = 20000, but the checkpoint holds layers 0-3"),
+            ("text_config", "num_hidden_layers", 20000, "layers = 20000, but the checkpoint holds layers 0-3"),
             ("vision_encoder_config", "num_hidden_layers", 20000, "vision_encoder_config.num_hidden_layers = 20000"),
             ("vision_tokenizer_config", "depth", 20000, "depth = 20000"),
             ("text_config", "hidden_size", -64, "text_config.hidden_size = -64 is not a size"),
@@ -582,7 +591,7 @@ def test_train_and_dpo_start_up_refuse_bad_input_in_one_line(crafted, world, tin
     sorted(bad_ckpt.glob("model-*.safetensors"))[0].write_bytes(b"\x00" * 7)
     base = ["--out-dir", str(tmp_path / "o"), *FAST]
     for main, argv, says in [
-            (train.main, ["--data", str(nan_mix), "--tokenizer", str(world / "tokenizer")], "'weight' must be a finite"),
+            (train.main, ["--data", str(nan_mix), "--tokenizer", str(world / "tokenizer")], "must be a finite"),
             (train.main, ["--data", str(world / "mixtures" / "sft.json"), "--tokenizer", str(bad_tok)],
              "not a SentencePiece model"),
             (train.main, ["--data", str(world / "mixtures" / "sft.json"), "--init", str(bad_ckpt)],
@@ -594,7 +603,8 @@ def test_train_and_dpo_start_up_refuse_bad_input_in_one_line(crafted, world, tin
 def test_sample_refuses_a_bomb_and_reads_16_bit_as_training_does(crafted, tiny_ckpt, capsys):
     assert sample.load_image is images.open_image and ev.load_image is images.open_image  # the one reader
     base = ["--checkpoint", str(tiny_ckpt), "--prompt", "hi", "--max-new-tokens", "2"]
-    for name, says in (("bomb.png", "decompression bomb"), ("big.png", "pixel limit"), ("truncated.png", "cannot decode")):
+    for name, says in (("bomb.png", "decompression bomb"), ("big.png", "pixel limit"),
+                       ("truncated.png", "cannot decode")):
         one_line_exit_2(capsys, sample.main, base + ["--image", str(crafted / "images" / name)], name, says)
     sample.main(base + ["--image", str(crafted / "images" / "grey16.png")])  # answers (no SystemExit)
 

@@ -84,7 +84,8 @@ def test_the_update_is_alpha_over_r_by_hand():
     expected = torch.tensor([[1.0 + 0.5 + 12.0, 3.0 - 0.5 + 8.0]])  # x W^T + b = (1.5, 2.5), plus the update
     assert torch.equal(layer(x).detach(), expected)
     layer.merge()
-    assert torch.equal(layer(x).detach(), expected) and torch.equal(layer.weight[0].detach(), torch.tensor([5.0, 4.0, 0.0]))
+    assert torch.equal(layer(x).detach(), expected)
+    assert torch.equal(layer.weight[0].detach(), torch.tensor([5.0, 4.0, 0.0]))  # W + 4 B A
 
 
 def test_only_lora_parameters_train_and_counts():

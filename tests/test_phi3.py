@@ -36,7 +36,11 @@ def recorded(monkeypatch):
     """generate.decode's logits at every step, as `sample` sees them: a list of (B, V) tensors, filled by each
     generate call made while the monkeypatch holds."""
     seen, real = [], generate.sample
-    monkeypatch.setattr(generate, "sample", lambda logits, *a, **k: (seen.append(logits.clone()), real(logits, *a, **k))[1])
+
+    def sample(logits, *a, **k):
+        seen.append(logits.clone())
+        return real(logits, *a, **k)
+    monkeypatch.setattr(generate, "sample", sample)
     return seen
 
 
