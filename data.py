@@ -252,15 +252,17 @@ class Mixture(torch.utils.data.IterableDataset):
             j += n
 
 
-def loader(mixture, num_workers=2, prefetch=4):
-    """The DataLoader for a Mixture: batches come back in index order, whichever worker built them.
+def loader(mixture, num_workers=2, prefetch=4, pin_memory=False):
+    """The DataLoader for a Mixture: batches come back in index order, whichever worker built them; in pinned
+    memory when asked (for a GPU: its copies then need not wait for the host).
 
     It gets a generator of its own: a DataLoader otherwise draws its base seed from the global RNG each time
     an iterator starts, so a resumed run (which restores the RNG, then starts its iterator) would draw its
     dropout masks one step off the uninterrupted run's. The batches themselves use no torch RNG.
     """
     kw = dict(num_workers=num_workers, prefetch_factor=prefetch, persistent_workers=True) if num_workers else {}
-    return torch.utils.data.DataLoader(mixture, batch_size=None, generator=torch.Generator().manual_seed(0), **kw)
+    return torch.utils.data.DataLoader(mixture, batch_size=None, pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(0), **kw)
 
 # -----------------------------------------------------------------------------
 # command line

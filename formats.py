@@ -356,10 +356,15 @@ def image_ref(ref, folder, where, allow_outside=False):
     raw = decode_base64(ref, where)
     if raw is not None:
         return raw
-    if not allow_outside and (os.path.isabs(ref) or ".." in PurePosixPath(ref.replace("\\", "/")).parts):
+    if not allow_outside and leaves_folder(ref):
         raise BadSample(where, f"image path {short(ref)} leaves the image folder {folder}; set "
                         '"allow_outside_paths": true on the source to allow it', "unsafe path")
     return Path(folder) / ref
+
+
+def leaves_folder(ref):
+    """Does a file name taken from a record point outside the folder it is relative to (absolute, or `..`)?"""
+    return os.path.isabs(ref) or ".." in PurePosixPath(ref.replace("\\", "/")).parts
 
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

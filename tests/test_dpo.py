@@ -13,6 +13,7 @@ import data
 import dpo
 import model
 import train
+from conftest import world_source
 
 FAST = ["--workers", "0", "--max-len", "512", "--log-every", "1", "--save-every", "100", "--lora-r", "8",
         "--lora-alpha", "16", "--lora-dropout", "0"]
@@ -26,17 +27,8 @@ def setup(tmp_path_factory, world):
     train.main(["--data", str(world / "mixtures" / "sft.json"), "--out-dir", str(root / "sft"),
                 "--max-steps", "3", "--batch-size", "4", *FAST[:6]])
     rows = [json.loads(x) for x in (world / "dpo" / "pairs.jsonl").read_text().splitlines()][:2]
-    write_pairs(root, "two", rows, world)
+    world_source(world, root, "two", "pairs", rows)
     return root
-
-
-def write_pairs(root, name, rows, world):
-    """`rows` as {root}/{name}.pairs.jsonl, read through a mixture config {root}/{name}.json whose image folder
-    is the world's (the rows name their images relative to it, as the world's own files do)."""
-    (root / f"{name}.pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    mix = {"sources": [{"name": name, "type": "pairs", "path": f"{name}.pairs.jsonl", "image_folder": str(world)}]}
-    (root / f"{name}.json").write_text(json.dumps(mix))
-    return root / f"{name}.json"
 
 
 def run(setup, out, data_path, *extra):
@@ -86,7 +78,7 @@ def test_bad_pairs_are_reported_not_used(setup, world, tmp_path):
     rows = [json.loads(x) for x in (setup / "two.pairs.jsonl").read_text().splitlines()]
     same = dict(rows[0], rejected=rows[0]["chosen"])
     missing = dict(rows[1], image="images/nope.png")
-    bad = write_pairs(tmp_path, "bad", rows + [same, missing], world)
+    bad = world_source(world, tmp_path, "bad", "pairs", rows + [same, missing])
     _, log = run(setup, tmp_path / "c", bad, "--batch-size", "4", "--max-steps", "2",
                  "--max-bad-fraction", "0.6")
     assert log[0]["pairs"] == 2 and log[-1]["bad_samples"] == 4  # two bad rows in each of the two steps

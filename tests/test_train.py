@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import checkpoint
 import model
 import train
-from conftest import THREADS
+from conftest import THREADS, world_source
 
 ROOT = Path(__file__).resolve().parent.parent
 # Two runs that must give the same update are compared three ways. The loss (<= 1e-5) and the gradient norm
@@ -51,18 +51,9 @@ def same_updates(a, b):
     assert all(abs(x["grad_norm"] - y["grad_norm"]) <= GRAD_NORM * y["grad_norm"] for x, y in zip(a, b))
 
 
-def sft_rows(world, tmp_path, name, rows):
-    """LLaVA rows as a one-source mixture config in tmp_path whose image folder is the world (the rows name
-    their images relative to it, as the world's own files do)."""
-    (tmp_path / f"{name}.rows.json").write_text(json.dumps(rows))
-    mix = {"sources": [{"name": name, "type": "llava", "path": f"{name}.rows.json", "image_folder": str(world)}]}
-    (tmp_path / f"{name}.json").write_text(json.dumps(mix))
-    return tmp_path / f"{name}.json"
-
-
 def test_loss_falls_and_the_frozen_vit_stays(world, tmp_path):
     rows = json.loads((world / "sft" / "llava_sft.json").read_text())[:2]
-    one = sft_rows(world, tmp_path, "one", rows)  # two samples: every batch is the same two, so the loss must fall
+    one = world_source(world, tmp_path, "one", "llava", rows)  # two samples: every batch is the same two, so the loss must fall
     train.main(["--data", str(one), "--tokenizer", str(world / "tokenizer"), "--out-dir", str(tmp_path / "a"),
                 "--batch-size", "2", "--max-steps", "8", "--no-train-vit", *FAST])
     log = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -162,14 +153,14 @@ def test_preset_sizes_a_new_model_and_conflicts_with_init(tmp_path):
 def test_bad_samples_are_skipped_and_counted(world, tmp_path):
     rows = json.loads((world / "sft" / "llava_sft.json").read_text())[:12]
     rows[1]["image"] = "images/missing.png"
-    sft_rows(world, tmp_path, "bad", rows)
+    world_source(world, tmp_path, "bad", "llava", rows)
     train.main(["--data", str(tmp_path / "bad.json"), "--tokenizer", str(world / "tokenizer"), "--out-dir",
                 str(tmp_path / "b"), "--batch-size", "4", "--max-steps", "3", "--max-bad-fraction", "0.5", *FAST])
     log = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["bad_samples"] >= 1 and len(log) == 3
     # too many: 7 bad rows of 8 (bad ones are cheap to skip), judged once 200 samples are seen (10 steps of 20)
     text_only = [r for r in json.loads((world / "sft" / "llava_sft.json").read_text()) if "image" not in r][:1]
-    sft_rows(world, tmp_path, "worse", text_only + [dict(rows[0], image="images/missing.png")] * 7)
+    world_source(world, tmp_path, "worse", "llava", text_only + [dict(rows[0], image="images/missing.png")] * 7)
     with pytest.raises(RuntimeError, match=r"samples were bad \(missing image: \d+\), more than the allowed 50%"):
         train.main(["--data", str(tmp_path / "worse.json"), "--tokenizer", str(world / "tokenizer"), "--out-dir",
                     str(tmp_path / "c"), "--batch-size", "20", "--max-steps", "60", "--max-bad-fraction", "0.5",
@@ -238,9 +229,10 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(world, tmp_path):
     assert [r["loss"] for r in log] == [r["loss"] for r in full]
 
 
-def test_nonfinite_steps_are_skipped_then_stop_the_run(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused: skipped on the device", "skipped on the host"])
+def test_nonfinite_steps_are_skipped_then_stop_the_run(world, tmp_path, monkeypatch, fused):
     lin = torch.nn.Linear(2, 1)
-    opt = torch.optim.AdamW(lin.parameters())
+    opt = torch.optim.AdamW(lin.parameters(), fused=fused)
     before = [p.detach().clone() for p in lin.parameters()]
 
     class Nan(torch.nn.Module):  # a model whose loss is NaN
@@ -249,12 +241,14 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(world, tmp_path, monkeypa
     batch = {"input_ids": torch.ones(1, 3, dtype=torch.long), "labels": torch.ones(1, 3, dtype=torch.long),
              "images": None, "attention_mask": None}
     args = train.build_parser().parse_args([])
-    s = SimpleNamespace(wrapped=Nan(), opt=opt, params=list(lin.parameters()), args=args, world=1,
+    s = SimpleNamespace(wrapped=Nan(), m=lin, opt=opt, params=list(lin.parameters()), args=args, world=1,
                         device=torch.device("cpu"))
     rec = train.train_step(s, [batch])
-    assert rec["grad_norm"] is None and rec["loss"] != rec["loss"]  # skipped, NaN reported
+    assert torch.isnan(rec["grad_norm"]) and torch.isnan(rec["loss"])  # skipped, NaN reported
     assert all(torch.equal(a, b) for a, b in zip(before, lin.parameters())) and lin.weight.grad is None
-    monkeypatch.setattr(train, "train_step", lambda s, micro: {"loss": float("nan"), "grad_norm": None})
+    assert all(int(st["step"]) == 0 for st in opt.state.values())  # a skipped step is not counted by AdamW
+    nan = torch.tensor(float("nan"))
+    monkeypatch.setattr(train, "train_step", lambda s, micro: {"loss": nan, "grad_norm": nan})
     with pytest.raises(SystemExit, match="3 steps in a row had a NaN/inf loss"):
         run(world, tmp_path / "nan", "--batch-size", "2", "--max-steps", "10", "--max-nonfinite", "3")
 

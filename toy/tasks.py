@@ -118,6 +118,7 @@ class Item:
     def __init__(self, metric, record, prompt, images, max_new):
         self.metric, self.record, self.prompt, self.images, self.max_new = metric, record, prompt, images, max_new
         self.answer = None
+        self.id = record.get("id")  # what evals/run.py names in an error about this item's image
 
 
 def question_of(record):
