@@ -11,7 +11,7 @@ Checkpoints of a training run, and the one resolver every script uses to find a 
 - A checkpoint is written as `.tmp-ckpt-NNNNNNN/` and renamed when complete (os.replace): a crash or a
   kill -9 in the middle of a write leaves the previous checkpoint intact. The newest `keep` are kept.
 - Only directories named exactly `ckpt-NNNNNNN` are checkpoints: a folder of the user's called `ckpt-best`
-  is neither resumed from nor rotated away.
+  is neither resumed from nor rotated away, and rotation never removes the checkpoint just written.
 - Weights and optimiser state are safetensors: nothing is unpickled on resume.
 - Under FSDP2 the full (unsharded) state is gathered on rank 0, which writes it; every rank writes its RNG.
 """
@@ -101,10 +101,17 @@ def save(run_dir, step, m, wrapped, opt, trainer, args, keep=2):
     barrier()
     if rank() == 0:
         os.replace(tmp, final)  # the checkpoint exists, complete, or not at all
-        done = sorted(p for p in run_dir.glob("ckpt-*") if NAME.fullmatch(p.name))
-        for old in done[: max(0, len(done) - keep)]:
-            shutil.rmtree(old)
+        rotate(run_dir, final, keep)
     barrier()
+
+
+def rotate(run_dir, final, keep):
+    """Keep `final` (the checkpoint just written) and the newest `keep - 1` other checkpoints; remove the rest.
+    Only directories named ckpt-NNNNNNN count: a user's ckpt-best, or a file with a checkpoint's name, is
+    never removed and never makes the run remove the checkpoint it just wrote."""
+    others = sorted(p for p in run_dir.glob("ckpt-*") if NAME.fullmatch(p.name) and p.is_dir() and p != final)
+    for old in others[: max(0, len(others) - (keep - 1))]:
+        shutil.rmtree(old)
 
 # -----------------------------------------------------------------------------
 # resume
@@ -129,7 +136,15 @@ def load(ckpt, wrapped, opt):
 
 
 def keep_metrics(path, step):
-    """On resume, drop the metrics of steps after the checkpoint: they are logged again."""
+    """On resume, drop the metrics of steps after the checkpoint: they are logged again. A line that is not a
+    whole record (the partial last line of a run killed while writing it) is dropped too."""
     if path.is_file():
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
-        path.write_text("".join(l + "\n" for l in lines))
+        kept = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept))

@@ -16,10 +16,10 @@ of sources split over ranks and workers, and batches.
   positions hold the sources in exact proportion (shuffled by seed), and each source is read as a fresh
   permutation per pass. Rank r of w takes positions r, r + w, ...; DataLoader worker k of n builds batches
   k, k + n, ...; so an epoch is covered exactly once and a run resumes exactly from its batch index.
-- Bad input (corrupt or truncated images, missing files, malformed JSON lines, marker/image mismatches,
-  empty conversations, decompression bombs, unsafe tar member names) raises `BadSample` naming the file
-  and the sample. Strict mode stops there; training mode skips, counts and reports, and `Tally` stops
-  the run when the bad fraction passes a threshold.
+- Bad input (any record of a downloaded dataset: wrong shapes, broken JSON, images and shards, paths out of
+  their folder; formats.py and docs/data.md list them) raises `BadSample` naming the file, the record and
+  the reason. Strict mode stops there; training mode skips, counts and reports, and `Tally` stops the run
+  when the bad fraction passes a threshold.
 """
 import argparse
 import sys
@@ -32,7 +32,7 @@ import torch
 from formats import DataError, open_sources  # noqa: F401  (data.open_sources: what the scripts call)
 from images import BadSample, Images, open_image, preprocess
 from model import PRESET_PARTS, STRATEGIES, preset
-from tokenizer import DEFAULT_SYSTEM, IMAGE, extended_tokenizer, pad_batch, place_images, render_chat
+from tokenizer import DEFAULT_SYSTEM, IMAGE, TokenizerError, extended_tokenizer, pad_batch, place_images, render_chat
 
 # -----------------------------------------------------------------------------
 # bad samples, counted
@@ -72,6 +72,10 @@ class Encoder:
 
     def __call__(self, record):
         where = record["where"]
+        texts = [record.get("text", "")] + [t for _, t in record.get("turns", [])] + [record.get("chosen", ""),
+                                                                                      record.get("rejected", "")]
+        if not all(map(is_unicode, texts)):  # JSON's "\ud800" escapes give strings no tokenizer can take
+            raise BadSample(where, "text that is not valid Unicode (a lone surrogate such as \\ud800)", "bad text")
         images = [open_image(r, where) for r in record["images"]]
         if "chosen" in record:
             return {k: self.sample(*self.chat(record["turns"] + [("assistant", record[k])], len(images), where),
@@ -92,6 +96,9 @@ class Encoder:
             raise BadSample(where, "an empty conversation: no assistant answer to learn from", "empty conversation")
         if any(role == "system" for role, _ in turns) or any(IMAGE in t for r, t in turns if r == "assistant"):
             raise BadSample(where, "a system turn after the first, or an <image> marker in an answer", "bad record")
+        if turns[0][0] != "user":
+            raise BadSample(where, "a conversation must open with a user turn (after an optional system prompt)",
+                            "bad record")
         users = [k for k, (role, _) in enumerate(turns) if role == "user"]
         markers = sum(text.count(IMAGE) for _, text in turns)
         if markers == 0 and n_images and users:  # LLaVA: an image without a marker goes before the first question
@@ -128,6 +135,14 @@ class Encoder:
                 "images": [preprocess(img, self.config) for img in images[:n]]}
 
 
+def is_unicode(text):
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def collate(samples, pad_id):
     """Samples -> a batch for model.XGenMM: right-padded ids / labels / mask and all images as one Images.
 
@@ -154,7 +169,7 @@ class Schedule:
 
     def __init__(self, sizes, weights, seed=0, block=1000):
         w = np.asarray(weights, dtype=np.float64)
-        if len(w) == 0 or (w < 0).any() or w.sum() <= 0 or min(sizes, default=0) == 0:
+        if len(w) == 0 or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0 or min(sizes, default=0) == 0:
             raise ValueError(f"a mixture needs non-empty sources and positive weights (sizes {sizes}, weights {weights})")
         share = w / w.sum() * block
         counts = np.floor(share).astype(np.int64)
@@ -239,9 +254,15 @@ class Mixture(torch.utils.data.IterableDataset):
 
 def loader(mixture, num_workers=2, prefetch=4, pin_memory=False):
     """The DataLoader for a Mixture: batches come back in index order, whichever worker built them; in pinned
-    memory when asked (for a GPU: its copies then need not wait for the host)."""
+    memory when asked (for a GPU: its copies then need not wait for the host).
+
+    It gets a generator of its own: a DataLoader otherwise draws its base seed from the global RNG each time
+    an iterator starts, so a resumed run (which restores the RNG, then starts its iterator) would draw its
+    dropout masks one step off the uninterrupted run's. The batches themselves use no torch RNG.
+    """
     kw = dict(num_workers=num_workers, prefetch_factor=prefetch, persistent_workers=True) if num_workers else {}
-    return torch.utils.data.DataLoader(mixture, batch_size=None, pin_memory=pin_memory, **kw)
+    return torch.utils.data.DataLoader(mixture, batch_size=None, pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(0), **kw)
 
 # -----------------------------------------------------------------------------
 # command line
@@ -260,15 +281,15 @@ def show(args):
     """Print samples as the model sees them: each token's text, supervised spans marked with [[ ]]."""
     tok = extended_tokenizer(args.tokenizer)
     enc = Encoder(tok, preset(args.preset, args.strategy, tok), args.max_len)
-    for source, _ in open_sources(args.data, tok.id_to_token(tok.eos_id), args.image_folder):
+    for source, _ in open_sources(args.data, tok.id_to_token(tok.eos_id), args.image_folder, args.allow_outside_paths):
         print(f"== {source.name}: {len(source)} items" + (f" {dict(source.counts)}" if hasattr(source, "counts") else ""))
         for i in range(min(args.n, len(source))):
             try:
                 s = enc(source.record(i))
             except BadSample as e:
                 if args.strict:
-                    raise SystemExit(f"data.py: {e}")
-                print(f"-- bad: {e}")
+                    raise DataError(str(e)) from None
+                print(f"-- bad ({e.reason}): {e}")
                 continue
             for s in ([s["chosen"], s["rejected"]] if "chosen" in s else [s]):
                 print(f"-- {s['where']}: {len(s['input_ids'])} tokens, {len(s['images'])} image(s)")
@@ -308,13 +329,16 @@ def main(argv=None):
     s.add_argument("--preset", default="tiny", choices=sorted(PRESET_PARTS), help="model sizes for the image tiling")
     s.add_argument("--strategy", default="anyres", choices=STRATEGIES, help="image strategy")
     s.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False, help="stop at the first bad sample")
+    s.add_argument("--allow-outside-paths", action=argparse.BooleanOptionalAction, default=False,
+                   help="let a single dataset's image paths be absolute or leave the image folder (..); a mixture "
+                        'config says it per source: "allow_outside_paths": true')
     args = p.parse_args(argv)
     args.tokenizer = args.tokenizer or dataset_tokenizer(args.data)
     if args.tokenizer is None:
         p.error(f"no tokenizer/ folder above {args.data}: pass --tokenizer")
     try:
         show(args)
-    except DataError as e:
+    except (DataError, TokenizerError) as e:  # bad data, or tokenizer files that cannot be read: one line, exit 2
         print(f"data.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import weights
 from evals import cli
 from evals.run import answer, load_model
+from formats import image_ref
 from images import load_image
 from tokenizer import DEFAULT_SYSTEM
 from toy import tasks
@@ -50,7 +51,8 @@ def evaluate(m, data, splits=tasks.SPLITS, style="chat", system=DEFAULT_SYSTEM, 
     """metric -> value for the model on the toy world at `data` (the folder holding test/ and the images)."""
     items = [it for split in splits
              for it in tasks.items_for(split, tasks.load_split(data, split, limit), style, system)]
-    answer(m, items, batch_size, device, open_image=lambda p: load_image(Path(data) / p), progress=progress)
+    answer(m, items, batch_size, device, progress=progress,  # the test records' image paths stay inside `data`
+           open_image=lambda p: load_image(image_ref(p, data, "test image")))
     if predictions:
         with open(predictions, "w") as f:
             for it in items:
@@ -103,8 +105,11 @@ def toy_main(argv):
         m, path = load_model(args.checkpoint, args.device, args.dtype)
     except weights.CheckpointError as e:
         p.exit(2, f"eval.py: error: {e}\n")
-    metrics = evaluate(m, args.data, args.splits, args.prompt, limit=args.limit, batch_size=args.batch_size,
-                       device=args.device, predictions=args.predictions)
+    try:
+        metrics = evaluate(m, args.data, args.splits, args.prompt, limit=args.limit, batch_size=args.batch_size,
+                           device=args.device, predictions=args.predictions)
+    except (ValueError, OSError) as e:  # a test split or an image that cannot be read (BadSample names it)
+        p.exit(2, f"eval.py: error: {e}\n")
     seconds = round(time.time() - t0, 1)
     print(tasks.table([(args.name or str(args.checkpoint), metrics)]))
     print(f"{seconds} s, {args.prompt} prompts, {path}")

@@ -14,22 +14,48 @@ image references, a conversation, or a preference pair) that data.py encodes. do
   read by offset: nothing is extracted to disk, and any sample can be fetched at random.
 - A mixture config ({"sources": [{"name", "type", "path", "weight", ...}]}) names its sources; one dataset
   path is recognised by its first record. Paths are relative to the config's folder.
-- Bad input (missing files, malformed JSON lines, unsafe tar member names, a record without the fields
-  its format needs) raises `BadSample` naming the file and the sample, when that sample is read.
+- Every record is untrusted input (datasets are downloaded): a record of the wrong shape, a file that is not
+  UTF-8, a malformed or absurdly nested JSON line, a tar shard cut short or holding duplicate, oversized or
+  `../` members, a bad `data:` URI, an image path that leaves its image folder, a NaN rating: each is a
+  `BadSample` naming the file, the record and what is wrong, raised when that sample is read, so training
+  skips and counts it and one bad record never stops a run. What stops a dataset from opening at all (a
+  broken mixture config, a NaN or negative weight, a JSON list that is not valid JSON) is a `DataError`.
+- Image paths stay inside their image folder (absolute paths and `..` are refused) unless the mixture
+  config's source says `"allow_outside_paths": true` (or `data.py show --allow-outside-paths`).
 """
 import base64
 import binascii
 import json
+import math
 import os
 import re
+import reprlib
 import tarfile
 from collections import Counter
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from images import BadSample
 from tokenizer import END_CHUNK, IMAGE
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_MEMBER_BYTES = 256 * 2**20  # a larger tar member is refused unread (images are capped at MAX_PIXELS anyway)
+UNTRUSTED = (TypeError, AttributeError, KeyError, IndexError, ValueError, StopIteration, UnicodeError,
+             RecursionError)  # what reading a record of an unforeseen shape can raise
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 60
+_repr.maxlevel, _repr.maxlist, _repr.maxdict = 3, 4, 4
+
+
+def short(value):
+    """A value of a record as a message shows it: a repr cut short in length and depth (a record may hold
+    anything, of any size)."""
+    return _repr.repr(value)
+
+
+def ident(value):
+    """A record's id as a message shows it: a short plain string as it is, anything else as `short`."""
+    return value if isinstance(value, str) and len(value) <= 60 and value.isprintable() else short(value)
 
 # -----------------------------------------------------------------------------
 # shards
@@ -58,66 +84,128 @@ def split_key(name):
 
 
 class TarShard:
-    """A tar shard's samples (runs of members sharing a key), indexed by their headers, read by offset."""
+    """A tar shard's samples (runs of members sharing a key), indexed by their headers, read by offset.
+
+    Members that cannot be used are kept as `problems` (BadSamples, counted when read): unsafe names
+    (`../x`, `/x`: never followed), a (key, extension) seen twice (the first is kept), a member over
+    MAX_MEMBER_BYTES or running past the end of the file, and a shard cut short or corrupt after its last
+    good member (tarfile would just stop there, silently dropping every later sample).
+    """
 
     def __init__(self, path):
-        self.path, self.samples, self.unsafe, self.handle = Path(path), {}, [], None
+        self.path, self.samples, self.problems, self.handle = Path(path), {}, [], None
+        self.refused = set()  # keys with a member too large or cut short: the whole sample is one problem
+        self.cut_short = False  # a member ran past the end of the file (already reported)
         try:
-            with tarfile.open(self.path, "r:") as tf:  # uncompressed: headers are read, data is skipped
-                for m in tf:
-                    if m.isfile():
-                        self.add(m)
+            size = self.path.stat().st_size
+            tf = tarfile.open(self.path, "r:")  # uncompressed: headers are read, data is skipped
         except (tarfile.TarError, OSError) as e:
             raise BadSample(str(path), f"cannot read the tar shard ({e}); shards must be uncompressed .tar files",
                             "bad shard") from None
+        with tf:
+            try:
+                for m in tf:
+                    if m.isfile():
+                        self.add(m, size)
+                self.check_end(tf.offset, size)
+            except (tarfile.TarError, OSError) as e:  # the samples indexed so far stay usable
+                if not self.cut_short:
+                    self.problem(f"unreadable after byte {tf.offset} of {size} ({e}): the shard is truncated or "
+                                 "corrupt there, and any samples after it are lost", "bad shard")
 
-    def add(self, m):
-        if m.name.startswith("/") or ".." in m.name.split("/"):
-            self.unsafe.append(m.name)  # a path like ../x: never followed, reported when its sample is read
-            return
+    def add(self, m, size):
         key, ext = split_key(m.name)
+        if m.name.startswith("/") or ".." in m.name.split("/"):
+            return self.problem(f"unsafe member name {short(m.name)} skipped", "unsafe member")
+        if key in self.refused:
+            return None
+        if m.size > MAX_MEMBER_BYTES or m.offset_data + m.size > size:
+            self.refused.add(key)
+            self.samples.pop(key, None)
+            if m.size > MAX_MEMBER_BYTES:
+                return self.problem(f"member {short(m.name)} of {m.size} bytes is over the {MAX_MEMBER_BYTES} byte "
+                                    "limit", "member too large")
+            self.cut_short = True
+            return self.problem(f"member {short(m.name)} runs past the end of the file (a truncated shard)",
+                                "bad shard")
+        if ext in self.samples.get(key, {}):
+            return self.problem(f"member {short(m.name)} appears twice; the first is used", "duplicate key")
         self.samples.setdefault(key, {})[ext] = (m.offset_data, m.size)
+
+    def check_end(self, offset, size):
+        """tarfile stops at the first unreadable header: unless the rest is the zero blocks that end an archive,
+        the shard was cut short or is corrupt there, and the samples after it are lost."""
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            tail = f.read(1024)
+        if tail.strip(b"\0"):
+            self.problem(f"unreadable tar header at byte {offset} of {size}: the shard is truncated or corrupt "
+                         "there, and any samples after it are lost", "bad shard")
+
+    def problem(self, message, reason):
+        self.problems.append(BadSample(str(self.path), message, reason))
 
     def read(self, key, ext):
         if self.handle is None:  # opened lazily, so each DataLoader worker gets its own file handle
             self.handle = open(self.path, "rb")
         offset, size = self.samples[key][ext]
         self.handle.seek(offset)
-        return self.handle.read(size)
+        data = self.handle.read(size)
+        if len(data) != size:  # the file shrank since it was indexed
+            raise BadSample(f"{self.path}:{key}", f"member .{ext} is truncated", "bad shard")
+        return data
 
     def __getstate__(self):  # workers reopen the file
         return {**self.__dict__, "handle": None}
 
 
 def shard_items(pattern, base):
-    """[(TarShard, key | None)] for every sample of every shard; key None = an unsafe member, reported on read."""
-    items = []
+    """[(TarShard, key)] for every sample of every shard, then each shard's problems and each unreadable shard
+    (BadSamples, raised when read)."""
+    items, unreadable = [], []
     for name in expand_braces(pattern):
-        shard = TarShard(base / name)
-        items += [(shard, key) for key in shard.samples] + [(shard, None)] * len(shard.unsafe)
-    return items
+        try:
+            shard = TarShard(base / name)
+        except BadSample as e:  # one unreadable shard among many is counted, like a bad sample
+            unreadable.append(e)
+            continue
+        items += [(shard, key) for key in shard.samples] + shard.problems
+    if unreadable and len(unreadable) == len(expand_braces(pattern)):
+        raise unreadable[0]  # none can be read: the source cannot be opened at all
+    return items + unreadable
 
 # -----------------------------------------------------------------------------
 # sources: each turns its i-th item into a record (text or chat or preference pair, with image refs)
 
 
 def read_json_rows(path):
-    """A JSON list, or JSON lines; a malformed line becomes a BadSample item instead of ending the read."""
-    text = Path(path).read_text()
+    """A JSON list, or JSON lines. A JSON-lines file is read line by line: a line that is not UTF-8, not valid
+    JSON or nested too deeply for the parser (a partial last line too) becomes a BadSample item instead of
+    ending the read. A JSON list is one value: if it cannot be parsed, the whole file is refused."""
+    raw = Path(path).read_bytes()
     if path.suffix != ".jsonl":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BadSample(str(path), f"not valid JSON ({e})", "bad json") from None
+        rows = parse_json(raw, str(path))
         return rows if isinstance(rows, list) else [rows]
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(raw.split(b"\n"), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                rows.append(BadSample(f"{path}:{n}", f"malformed JSON line ({e})", "bad json"))
+                rows.append(parse_json(line, f"{path}:{n}"))
+            except BadSample as e:
+                rows.append(e)
     return rows
+
+
+def parse_json(data, where):
+    """One JSON value from bytes or text; anything unparsable is a BadSample naming `where`."""
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError:
+        raise BadSample(where, "not UTF-8 text", "bad json") from None
+    except json.JSONDecodeError as e:
+        raise BadSample(where, f"malformed JSON ({e})", "bad json") from None
+    except RecursionError:
+        raise BadSample(where, "JSON nested too deeply to parse", "bad json") from None
 
 
 class Source:
@@ -130,10 +218,19 @@ class Source:
         return len(self.items)
 
     def record(self, i):
+        """Record i, or a BadSample naming it: a problem found when the source was indexed, or any failure to
+        read the record (its fields are untrusted input; the readers check the common mistakes by name, and
+        whatever shape they did not foresee is caught here rather than ending a run)."""
         item = self.items[i]
         if isinstance(item, BadSample):
-            raise item
-        return self.load(item, i)
+            raise item.with_traceback(None)  # the same instance, raised again each pass: no growing traceback
+        try:
+            return self.load(item, i)
+        except BadSample:
+            raise
+        except UNTRUSTED as e:
+            raise BadSample(f"{self.name}[{i}]", f"malformed record ({type(e).__name__}: {short(str(e))})",
+                            "bad record") from None
 
 
 class Captions(Source):
@@ -146,8 +243,6 @@ class Captions(Source):
     def load(self, item, i):
         shard, key = item
         where = f"{shard.path}:{key}"
-        if key is None:
-            raise BadSample(str(shard.path), f"unsafe member name {shard.unsafe[0]!r} skipped", "unsafe member")
         exts = shard.samples[key]
         image = next((e for e in IMAGE_EXTS if e in exts), None)
         if image is None:
@@ -156,19 +251,13 @@ class Captions(Source):
             caption = shard.read(key, "txt").decode("utf-8", "replace").strip()
         elif "json" in exts:
             meta = parse_json(shard.read(key, "json"), where)
-            caption = str(meta.get("caption") or meta.get("text") or "").strip()
+            caption = meta.get("caption") or meta.get("text") or "" if isinstance(meta, dict) else ""
+            caption = caption.strip() if isinstance(caption, str) else ""
         else:
             caption = ""
         if not caption:
-            raise BadSample(where, "no caption (.txt, or .json with a 'caption' field)", "missing text")
+            raise BadSample(where, "no caption (.txt, or .json with a string 'caption' field)", "missing text")
         return {"text": f"{IMAGE}{caption}{END_CHUNK}{self.eos}", "images": [shard.read(key, image)], "where": where}
-
-
-def parse_json(data, where):
-    try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadSample(where, f"malformed JSON ({e})", "bad json") from None
 
 
 class Interleaved(Source):
@@ -178,29 +267,31 @@ class Interleaved(Source):
     image is plain. Only the first `max_images` images are kept: the document ends before the next one.
     """
 
-    def __init__(self, name, path, base, eos, max_images=8, image_folder=None):
+    def __init__(self, name, path, base, eos, max_images=8, image_folder=None, allow_outside=False):
         self.eos, self.max_images, self.folder = eos, max_images, image_folder or base
+        self.allow_outside = allow_outside
         items = read_json_rows(base / path) if path.endswith(".jsonl") else shard_items(path, base)
         super().__init__(name, items)
 
     def load(self, item, i):
-        if isinstance(item, dict):  # a JSONL document: images are paths (or base64)
-            doc, where = item, f"{self.name}[{i}]"
-            fetch = lambda k, ref: decode_base64(ref) or self.folder / ref  # noqa: E731
-        else:
+        if isinstance(item, tuple):  # a document in a tar shard: images are members (or base64)
             shard, key = item
             where = f"{shard.path}:{key}"
-            if key is None or "json" not in shard.samples[key]:
-                raise BadSample(where, "no .json document for this key" if key else
-                                f"unsafe member name {shard.unsafe[0]!r} skipped", "bad document")
+            if "json" not in shard.samples[key]:
+                raise BadSample(where, "no .json document for this key", "bad document")
             doc = parse_json(shard.read(key, "json"), where)
             fetch = lambda k, ref: self.member(shard, key, k, ref, where)  # noqa: E731
+        else:  # a JSONL document: images are paths (or base64)
+            doc, where = item, f"{self.name}[{i}]"
+            fetch = lambda k, ref: image_ref(ref, self.folder, f"{where} image {k}", self.allow_outside)  # noqa: E731
         return self.render(doc, fetch, where)
 
     def render(self, doc, fetch, where):
-        texts, images = doc.get("texts"), doc.get("images")
+        texts, images = (doc.get("texts"), doc.get("images")) if isinstance(doc, dict) else (None, None)
         if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
             raise BadSample(where, "a document needs parallel 'texts' and 'images' lists", "bad document")
+        if not all(t is None or isinstance(t, str) for t in texts):
+            raise BadSample(where, f"'texts' must hold strings or null, not {short(texts)}", "bad document")
         out, refs, open_chunk = [], [], False
         for k, (text, ref) in enumerate(zip(texts, images)):
             if ref is not None:
@@ -218,28 +309,62 @@ class Interleaved(Source):
     @staticmethod
     def member(shard, key, k, ref, where):
         """Image k of a document in a shard: base64 in the list, the member it names, or `{key}.{k}.{ext}`."""
-        raw = decode_base64(ref)
-        if raw:
+        if not isinstance(ref, str):
+            raise BadSample(where, f"image {k} must be a member name or base64, not {short(ref)}", "bad document")
+        raw = decode_base64(ref, f"{where} image {k}")
+        if raw is not None:
             return raw
         exts = shard.samples[key]
-        stem, ext = split_key(str(ref).rpartition("/")[2])
+        stem, ext = split_key(ref.rpartition("/")[2])
         if stem == key.rpartition("/")[2] and ext in exts:
             return shard.read(key, ext)
         for ext in (f"{k}.{e}" for e in IMAGE_EXTS):
             if ext in exts:
                 return shard.read(key, ext)
-        raise BadSample(where, f"image {k} ({str(ref)[:60]!r}) is neither a member of the shard nor base64",
+        raise BadSample(where, f"image {k} ({short(ref)}) is neither a member of the shard nor base64",
                         "missing image")
 
 
-def decode_base64(ref):
-    """Bytes of a 'data:image/...;base64,...' string or of a long plain base64 string, else None."""
-    if not isinstance(ref, str) or (len(ref) < 200 and not ref.startswith("data:")):
+def decode_base64(ref, where):
+    """Bytes of a 'data:image/...;base64,...' URI (a malformed one is a BadSample, never a file name) or of a
+    long plain base64 string (MINT-1T's way); None for anything else (a path or a member name)."""
+    if ref.startswith("data:"):
+        head, comma, payload = ref.partition(",")
+        try:
+            if comma and head.endswith(";base64"):
+                return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            pass
+        raise BadSample(where, f"malformed data: URI {short(ref)} (expected data:image/...;base64,...)",
+                        "bad data uri")
+    if len(ref) < 200:
         return None
     try:
-        return base64.b64decode(ref.partition(",")[2] if ref.startswith("data:") else ref, validate=True)
+        return base64.b64decode(ref, validate=True)
     except (binascii.Error, ValueError):
         return None
+
+
+def image_ref(ref, folder, where, allow_outside=False):
+    """An image named by a JSON record -> its bytes (a data: URI or base64) or its path under `folder`.
+
+    The path must stay inside the folder: a downloaded dataset must not make training read /etc/passwd or
+    ../../secret.png. An absolute path or `..` is refused unless the source allows it (`allow_outside_paths`).
+    """
+    if not isinstance(ref, str) or not ref:
+        raise BadSample(where, f"an image must be named by a non-empty string, not {short(ref)}", "bad record")
+    raw = decode_base64(ref, where)
+    if raw is not None:
+        return raw
+    if not allow_outside and leaves_folder(ref):
+        raise BadSample(where, f"image path {short(ref)} leaves the image folder {folder}; set "
+                        '"allow_outside_paths": true on the source to allow it', "unsafe path")
+    return Path(folder) / ref
+
+
+def leaves_folder(ref):
+    """Does a file name taken from a record point outside the folder it is relative to (absolute, or `..`)?"""
+    return os.path.isabs(ref) or ".." in PurePosixPath(ref.replace("\\", "/")).parts
 
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -248,79 +373,109 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 class Llava(Source):
     """LLaVA SFT JSON: {"id", "image": str | [str] | absent, "conversations": [{"from", "value"}]}."""
 
-    def __init__(self, name, path, base, image_folder=None, limit=None):
+    def __init__(self, name, path, base, image_folder=None, limit=None, allow_outside=False):
         rows = read_json_rows(base / path)
         super().__init__(name, rows[:limit] if limit else rows)
         self.path, self.folder = base / path, Path(image_folder) if image_folder else (base / path).parent
+        self.allow_outside = allow_outside
+
+    def where(self, row, i):
+        return f"{self.path}[{i}]" + (f" id={ident(row.get('id', '?'))}" if isinstance(row, dict) else "")
+
+    def images(self, image, where):
+        """The record's image references -> bytes or paths inside the image folder (see image_ref)."""
+        refs = [] if image is None else [image] if isinstance(image, str) else image
+        if not isinstance(refs, list):
+            raise BadSample(where, f"'image' must be a path or a list of paths, not {short(image)}", "bad record")
+        return [image_ref(r, self.folder, where, self.allow_outside) for r in refs]
 
     def load(self, row, i):
-        where = f"{self.path}[{i}] id={row.get('id', '?')}" if isinstance(row, dict) else f"{self.path}[{i}]"
+        where = self.where(row, i)
         if not isinstance(row, dict) or not isinstance(row.get("conversations"), list):
             raise BadSample(where, "a LLaVA record needs a 'conversations' list", "bad record")
-        image = row.get("image")
-        refs = [] if image is None else [image] if isinstance(image, str) else list(image)
         turns = []
         for t in row["conversations"]:
-            role = ROLES.get(t.get("from")) if isinstance(t, dict) else None
+            role = ROLES.get(t.get("from")) if isinstance(t, dict) and isinstance(t.get("from"), str) else None
             if role is None or not isinstance(t.get("value"), str):
-                raise BadSample(where, f"turn {t!r:.60} needs 'from' (human/gpt/system) and a string 'value'",
+                raise BadSample(where, f"turn {short(t)} needs 'from' (human/gpt/system) and a string 'value'",
                                 "bad record")
             turns.append((role, t["value"]))
-        return {"turns": turns, "images": [self.folder / r for r in refs], "where": where}
+        return {"turns": turns, "images": self.images(row.get("image"), where), "where": where}
 
 
 class VLGuard(Llava):
     """VLGuard rows -> one two-turn conversation (instruction, response) per instr-resp entry."""
 
-    def __init__(self, name, path, base, image_folder=None, limit=None):
-        super().__init__(name, path, base, image_folder, limit)
+    def __init__(self, name, path, base, image_folder=None, limit=None, allow_outside=False):
+        super().__init__(name, path, base, image_folder, limit, allow_outside)
         entries = lambda row: len(row["instr-resp"]) if isinstance(row, dict) and isinstance(  # noqa: E731
             row.get("instr-resp"), list) else 0
-        self.items = [(row, k) for row in self.items for k in range(max(1, entries(row)))]  # no entries: reported
+        self.items = [row if isinstance(row, BadSample) else (row, k)  # a malformed line stays a BadSample
+                      for row in self.items for k in range(1 if isinstance(row, BadSample) else max(1, entries(row)))]
 
     def load(self, item, i):
-        row, k = item if isinstance(item, tuple) else (item, 0)
-        where = f"{self.path} id={row.get('id', '?') if isinstance(row, dict) else '?'} entry {k}"
-        try:
-            entry = row["instr-resp"][k]
-            question = next(entry[f] for f in ("instruction", "safe_instruction", "unsafe_instruction") if f in entry)
-            response = entry["response"]
-        except (KeyError, IndexError, TypeError, StopIteration):
-            raise BadSample(where, "a VLGuard entry needs an instruction (or safe_/unsafe_instruction) and a "
-                            "response", "bad record") from None
-        return {"turns": [("user", question), ("assistant", response)], "images": [self.folder / row["image"]],
+        row, k = item
+        where = f"{self.path} id={ident(row.get('id', '?')) if isinstance(row, dict) else '?'} entry {k}"
+        entry = row.get("instr-resp") if isinstance(row, dict) else None
+        entry = entry[k] if isinstance(entry, list) and k < len(entry) and isinstance(entry[k], dict) else {}
+        fields = ("instruction", "safe_instruction", "unsafe_instruction")
+        question = next((entry[f] for f in fields if f in entry), None)
+        response = entry.get("response")
+        if not isinstance(question, str) or not isinstance(response, str):
+            raise BadSample(where, "a VLGuard entry needs a string instruction (or safe_/unsafe_instruction) and a "
+                            "string response", "bad record")
+        if not isinstance(row.get("image"), str):
+            raise BadSample(where, f"a VLGuard row needs an 'image' path, not {short(row.get('image'))}", "bad record")
+        return {"turns": [("user", question), ("assistant", response)], "images": self.images(row["image"], where),
                 "where": where}
 
 
 def rating_means(completion):
-    """Mean of the three aspect ratings of one VLFeedback completion, or None if any is unparsable."""
+    """Mean of the aspect ratings of one VLFeedback completion; None if any is unparsable or not finite (NaN)."""
     try:
         ratings = [float(a["Rating"]) for a in completion["annotations"].values()]
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
-    return sum(ratings) / len(ratings) if ratings else None
+    if not ratings or not all(math.isfinite(r) for r in ratings):
+        return None
+    return sum(ratings) / len(ratings)
 
 
 class Preferences(Source):
-    """VLFeedback rows (best vs worst mean rating; ties, unparsable ratings and scores below `min_score`
-    skipped and counted in `self.counts`) or already-paired JSONL {"image", "prompt", "chosen", "rejected"}."""
+    """VLFeedback rows (best vs worst mean rating; ties, unparsable or NaN ratings and scores below `min_score`
+    skipped and counted in `self.counts`) or already-paired JSONL {"image", "prompt", "chosen", "rejected"}.
+    A row of the wrong shape stays an item and is a BadSample when read, so training counts it."""
 
-    def __init__(self, name, path, base, image_folder=None, limit=None, min_score=None):
+    def __init__(self, name, path, base, image_folder=None, limit=None, min_score=None, allow_outside=False):
         self.path, self.folder = base / path, Path(image_folder) if image_folder else (base / path).parent
+        self.allow_outside = allow_outside
         self.counts, items = Counter(), []
         for n, row in enumerate(read_json_rows(self.path)):
             self.counts["rows"] += 1
-            pair = row if isinstance(row, BadSample) else self.pair(row, n, min_score)
+            try:
+                pair = row if isinstance(row, BadSample) else self.pair(row, n, min_score)
+            except BadSample as e:
+                pair = e
+            except UNTRUSTED as e:
+                pair = BadSample(f"{self.path}[{n}]", f"malformed preference row ({type(e).__name__}: "
+                                 f"{short(str(e))})", "bad record")
             if pair is not None:
                 items.append(pair)
         self.counts["pairs"] = sum(not isinstance(p, BadSample) for p in items)
         super().__init__(name, items[:limit] if limit else items)
 
     def pair(self, row, n, min_score):
+        if not isinstance(row, dict):
+            raise BadSample(f"{self.path}[{n}]", f"a preference row must be a JSON object, not {short(row)}",
+                            "bad record")
         if "chosen" in row:
             return {"image": row.get("image"), "prompt": row.get("prompt", ""), "chosen": row["chosen"],
                     "rejected": row.get("rejected"), "id": row.get("id", n)}
-        scored = [(rating_means(c), c.get("response", "")) for c in row.get("completions", [])]
+        completions = row.get("completions")
+        if not isinstance(completions, list):
+            raise BadSample(f"{self.path}[{n}]", f"'completions' must be a list, not {short(completions)}",
+                            "bad record")
+        scored = [(rating_means(c), c.get("response", "") if isinstance(c, dict) else None) for c in completions]
         if any(m is None for m, _ in scored):
             self.counts["unparsable rating"] += 1
             scored = [s for s in scored if s[0] is not None]
@@ -338,10 +493,14 @@ class Preferences(Source):
                 "rejected": worst[1], "id": row.get("id", n)}
 
     def load(self, p, i):
-        where = f"{self.path} id={p['id']}"
+        where = f"{self.path} id={ident(p['id'])}"
+        texts = (p["prompt"], p["chosen"], p["rejected"])
+        if not all(isinstance(t, str) for t in texts):
+            raise BadSample(where, f"prompt, chosen and rejected must be strings, not {short(texts)}", "bad pair")
         if not p["chosen"] or not p["rejected"] or p["chosen"].strip() == p["rejected"].strip():
             raise BadSample(where, "chosen and rejected must be two different non-empty responses", "bad pair")
-        images = [self.folder / p["image"]] if p.get("image") else []  # data.py puts a marker-less image first
+        images = [image_ref(p["image"], self.folder, where, self.allow_outside)] if p.get("image") else []
+        # data.py puts a marker-less image first
         return {"turns": [("user", p["prompt"])], "chosen": p["chosen"], "rejected": p["rejected"], "images": images,
                 "where": where}
 
@@ -353,24 +512,36 @@ class DataError(ValueError):
     """A mixture config or a dataset that cannot be opened at all: the message names the file and what is wrong."""
 
 
-def open_sources(data, eos, image_folder=None):
+def open_sources(data, eos, image_folder=None, allow_outside_paths=False):
     """[(Source, weight)] from a mixture JSON ({"sources": [...]}) or from one dataset path (weight 1).
 
     Whatever stops a dataset from opening at all (a missing file, a config that is not JSON, a source
-    without a path or with an unknown type, an unreadable shard) is a DataError naming the file.
+    without a path or with an unknown type, a weight that is not a finite number >= 0, no readable shard)
+    is a DataError naming the file. `allow_outside_paths` lets a single dataset's image paths leave its
+    image folder (a mixture config says it per source).
     """
     path = Path(data)
     try:
         if path.suffix == ".json" and path.is_file() and first_char(path) == "{":
-            return [(open_source(s, path.parent, eos), weight) for s, weight in mixture_spec(path)]
-        spec = {"name": path.name, "type": sniff(path), "path": path.name, "image_folder": image_folder}
-        return [(open_source(spec, path.parent, eos), 1.0)]
+            sources = [(open_source(s, path.parent, eos), weight) for s, weight in mixture_spec(path)]
+        else:
+            spec = {"name": path.name, "type": sniff(path), "path": path.name, "image_folder": image_folder,
+                    "allow_outside_paths": allow_outside_paths}
+            sources = [(open_source(spec, path.parent, eos), 1.0)]
+        for source, weight in sources:
+            if len(source) == 0:
+                raise DataError(f"source {source.name!r} has no records")
+        return sources
     except DataError as e:
         raise e if str(path) in str(e) else DataError(f"{path}: {e}") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
-    except (OSError, UnicodeDecodeError, tarfile.TarError, BadSample, KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{path}: cannot open the data ({type(e).__name__}: {e})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to parse") from None
+    except BadSample as e:  # a file of a source that cannot be read at all: the message names it
+        raise DataError(f"{path}: {e}") from None
+    except (OSError, UnicodeDecodeError, tarfile.TarError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: cannot open the data ({type(e).__name__}: {str(e)[:300]})") from None
 
 
 def first_char(path):
@@ -389,12 +560,18 @@ def mixture_spec(path):
     for k, s in enumerate(sources):
         if not isinstance(s, dict) or not isinstance(s.get("path"), str):
             raise DataError(f"{path}: source {k} needs a 'path' (and a 'type')")
-        out.append((s, float(s.get("weight", 1.0))))
+        weight = s.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise DataError(f"{path}: source {k} ({short(s.get('name'))}): 'weight' must be a finite number >= 0, "
+                            f"not {short(weight)}")
+        out.append((s, float(weight)))
+    if not any(w > 0 for _, w in out):
+        raise DataError(f"{path}: every source has weight 0")
     return out
 
 
 def open_source(spec, base, eos):
-    kind, name = spec.get("type"), spec.get("name", spec.get("path"))
+    kind, name, outside = spec.get("type"), spec.get("name", spec.get("path")), spec.get("allow_outside_paths") is True
     # both relative to the config's folder; normalised so messages read "sft/x.json", not "mixtures/../sft/x.json"
     folder = Path(os.path.normpath(Path(base) / spec["image_folder"])) if spec.get("image_folder") else None
     full = Path(os.path.normpath(Path(base) / spec["path"]))
@@ -402,11 +579,11 @@ def open_source(spec, base, eos):
     if kind == "captions":
         return Captions(name, path, base, eos)
     if kind == "interleaved":
-        return Interleaved(name, path, base, eos, spec.get("max_images", 8), folder)
+        return Interleaved(name, path, base, eos, spec.get("max_images", 8), folder, outside)
     if kind in ("llava", "vlguard"):
-        return (Llava if kind == "llava" else VLGuard)(name, path, base, folder, spec.get("limit"))
+        return (Llava if kind == "llava" else VLGuard)(name, path, base, folder, spec.get("limit"), outside)
     if kind in ("vlfeedback", "pairs"):
-        return Preferences(name, path, base, folder, spec.get("limit"), spec.get("min_score"))
+        return Preferences(name, path, base, folder, spec.get("limit"), spec.get("min_score"), outside)
     raise DataError(f"source {name!r}: unknown type {kind!r}; use captions, interleaved, llava, vlguard, "
                     "vlfeedback or pairs")
 
@@ -441,5 +618,5 @@ def first_record(path, head=1 << 20):
         text = text[1:].lstrip()
     try:
         return json.JSONDecoder().raw_decode(text)[0]
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None

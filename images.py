@@ -41,14 +41,34 @@ class BadSample(ValueError):
 
     def __init__(self, where, message, reason):
         super().__init__(f"{where}: {message}")
-        self.reason = reason
+        self.where, self.message, self.reason = where, message, reason
+
+    def __reduce__(self):  # picklable (DataLoader workers under spawn) with its three fields
+        return BadSample, (self.where, self.message, self.reason)
+
+
+def shown(ref, n=120):
+    """A path (or anything) as a message shows it: cut in the middle when long (a 10 kB bogus data: URI
+    taken for a file name must not fill the screen)."""
+    s = str(ref)
+    return s if len(s) <= n else f"{s[: n // 2]}...{s[-n // 2:]} ({len(s)} characters)"
 
 
 def open_image(ref, where=None):
-    """An image from a path or bytes as RGB; every failure is a BadSample naming `where` (default: the path)."""
-    where = str(ref) if where is None and not isinstance(ref, bytes) else where or "image"
-    if isinstance(ref, (str, Path)) and not Path(ref).is_file():
-        raise BadSample(where, f"image file {ref} does not exist", "missing image")
+    """An image from a path or bytes as RGB; every failure is a BadSample naming `where` (default: the path).
+
+    The one reader of training and inference: sample.py and eval.py see the same pixels, limits and errors.
+    """
+    where = shown(ref) if where is None and not isinstance(ref, bytes) else where or "image"
+    if not isinstance(ref, (str, Path, bytes)):
+        raise BadSample(where, f"an image is a path or bytes, not {type(ref).__name__}", "bad record")
+    if not isinstance(ref, bytes):
+        try:
+            exists = Path(ref).is_file()
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+            exists = False
+        if not exists:
+            raise BadSample(where, f"image file {shown(ref)} does not exist", "missing image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -57,13 +77,22 @@ def open_image(ref, where=None):
                 raise BadSample(where, f"image of {img.width}x{img.height} pixels is over the {MAX_PIXELS} pixel "
                                 "limit (a decompression bomb or a mistake)", "image too large")
             img.load()  # decode now: a truncated file fails here, not later in a worker
-    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning, SyntaxError) as e:
-        if isinstance(e, BadSample):
-            raise
-        raise BadSample(where, f"cannot decode the image ({type(e).__name__}: {e})", "bad image") from None
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: keep the top 8 bits
-        img = Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
-    return img.convert("RGB")
+            img = to_8bit(img)
+            return img.convert("RGB")
+    except BadSample:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadSample(where, f"refused as a decompression bomb ({e})", "image too large") from None
+    except Exception as e:  # noqa: BLE001  crafted files make decoders raise anything (struct.error, IndexError...)
+        raise BadSample(where, f"cannot decode the image ({type(e).__name__}: {shown(e)})", "bad image") from None
+
+
+def to_8bit(img):
+    """16-bit grey (and 32-bit integer) images scaled to 8 bits by keeping the top byte: a plain convert would
+    clip every value above 255 to white (a 16-bit grey 40000 is 156, not 255)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
+    return img
 
 
 load_image = open_image  # the name inference code and the README use

@@ -32,7 +32,7 @@ import resampler
 import vit
 import weights
 from images import Images, group_features, pad_groups, select_grid
-from tokenizer import XGENMM_TOKENS, Tokenizer, extend_tokenizer, extended_tokenizer, pad_batch
+from tokenizer import XGENMM_TOKENS, Tokenizer, TokenizerError, extend_tokenizer, pad_batch
 
 SIGLIP_SO400M = "google/siglip-so400m-patch14-384"
 GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))  # (cols, rows): the release's anyres_grids, in crops
@@ -185,7 +185,10 @@ class XGenMM(nn.Module):
     def from_tokenizer(cls, tokenizer, size="tiny", strategy="anyres"):
         """A new model to train from scratch, of preset `size`, its vocabulary sized to `tokenizer` (a tokenizer
         directory, or a Tokenizer already extended by `extend_tokenizer`): the toy world's models start here."""
-        tok = tokenizer if isinstance(tokenizer, Tokenizer) else extended_tokenizer(tokenizer)
+        if not isinstance(tokenizer, Tokenizer):
+            tokenizer = read_tokenizer(tokenizer)
+            extend_tokenizer(tokenizer)
+        tok = tokenizer
         m = cls(preset(size, strategy, tok))
         m.lang_model.init_weights()
         m.vision_encoder.init_weights()
@@ -343,9 +346,10 @@ class XGenMM(nn.Module):
             raise weights.CheckpointError(
                 f"{path}/config.json: model_type {d.get('model_type')!r}, not 'xgenmm'; to start a new model from "
                 "a SigLIP and a Phi-3 checkpoint use XGenMM.from_components(siglip_path, phi3_path)")
-        config = XGenMMConfig.from_hf(d)
+        config = read_config(d, path)
         phi3.add_generation_stop_ids(config.text, path)
         ckpt = weights.Checkpoint(path)
+        check_layers(ckpt, config)
         key = LM + DECOUPLED[0][1]
         if key not in ckpt:
             raise weights.CheckpointError(f"{path}: missing tensor '{key}' (the decoupled rows of the xGen-MM tokens)")
@@ -369,9 +373,13 @@ class XGenMM(nn.Module):
         layer gets the zero bias the official decoupled head carries, so saved checkpoints have its layout.
         """
         dtype = weights.resolve_dtype(dtype)
-        tower = vit.ViT.from_pretrained(siglip_path, dtype, device)
-        lm = phi3.Phi3.from_pretrained(phi3_path, dtype, device)
-        tok = Tokenizer.from_pretrained(weights.resolve_dir(phi3_path))
+        try:
+            tower = vit.ViT.from_pretrained(siglip_path, dtype, device)
+            lm = phi3.Phi3.from_pretrained(phi3_path, dtype, device)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # a config.json these files cannot read
+            raise weights.CheckpointError(f"{siglip_path} / {phi3_path}: cannot read the config "
+                                          f"({type(e).__name__}: {e})") from None
+        tok = read_tokenizer(weights.resolve_dir(phi3_path))
         initial = extend_tokenizer(tok)
         phi3.add_token_rows(lm, initial, len(tok))
         lm.config.pad_token_id = tok.pad_id
@@ -444,8 +452,52 @@ def convert_checkpoint(ckpt, model):
     return state | {"lang_model." + k: v for k, v in lm.items()}
 
 
+def read_config(d, path):
+    """config.json's dict -> XGenMMConfig, its sizes checked; anything unreadable is a CheckpointError."""
+    try:
+        config = XGenMMConfig.from_hf(d)
+    except weights.CheckpointError as e:
+        raise weights.CheckpointError(f"{path}/config.json: {e}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # a field of the wrong type or value
+        raise weights.CheckpointError(f"{path}/config.json: cannot read it ({type(e).__name__}: {e})") from None
+    sizes = {"vision_encoder_config": (config.vision, ("image_size", "patch_size", "hidden_size", "intermediate_size",
+                                                       "num_hidden_layers", "num_attention_heads")),
+             "vision_tokenizer_config": (config.resampler, ("dim", "dim_inner", "num_latents", "depth", "heads",
+                                                            "dim_head", "ff_mult")),
+             "text_config": (config.text, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                           "num_attention_heads", "num_key_value_heads"))}
+    for part, (cfg, names) in sizes.items():
+        for name in names:
+            v = getattr(cfg, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= 2**24:
+                raise weights.CheckpointError(f"{path}/config.json: {part}.{name} = {v!r} is not a size")
+    for part, cfg, heads in (("vision_encoder_config", config.vision, config.vision.num_attention_heads),
+                             ("text_config", config.text, config.text.num_attention_heads)):
+        if cfg.hidden_size % heads:
+            raise weights.CheckpointError(f"{path}/config.json: {part}.hidden_size {cfg.hidden_size} is not a "
+                                          f"multiple of num_attention_heads {heads}")
+    return config
+
+
+def check_layers(ckpt, config):
+    """Each part's layer count against the checkpoint's, before anything is built (see weights.check_layers)."""
+    for prefix, n, field in (("vlm.vision_encoder.encoder.layers.", config.vision.num_hidden_layers,
+                              "vision_encoder_config.num_hidden_layers"),
+                             ("vlm.vision_tokenizer.layers.", config.resampler.depth, "vision_tokenizer_config.depth"),
+                             (LM + "model.layers.", config.text.num_hidden_layers, "text_config.num_hidden_layers")):
+        weights.check_layers(ckpt, prefix, n, field)
+
+
+def read_tokenizer(path):
+    """Tokenizer files as a Tokenizer; unreadable ones (a corrupt tokenizer.model...) are a CheckpointError."""
+    try:
+        return Tokenizer.from_pretrained(path)
+    except TokenizerError as e:
+        raise weights.CheckpointError(str(e)) from None
+
+
 def load_tokenizer(path, config):
-    tok = Tokenizer.from_pretrained(path)
+    tok = read_tokenizer(path)
     extend_tokenizer(tok)
     ids = [tok.token_to_id(t) for t in XGENMM_TOKENS]
     want = list(range(config.initial_tokenizer_len, config.initial_tokenizer_len + len(XGENMM_TOKENS)))

@@ -22,7 +22,6 @@ Phi-3-mini, the language model of xGen-MM: the network, its loss, and its loader
 References: Phi-3 technical report (arXiv 2404.14219); RoFormer (arXiv 2104.09864); LongRoPE (arXiv
 2402.13753); microsoft/Phi-3-mini-4k-instruct; transformers' modeling_phi3.py (the numerical reference).
 """
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -131,7 +130,7 @@ def add_generation_stop_ids(cfg, path):
     """Add the eos ids of `path`/generation_config.json, if any, to cfg's: instruct models list more there."""
     gen = Path(path) / "generation_config.json"
     if gen.is_file():
-        extra = as_id_list(json.loads(gen.read_text()).get("eos_token_id"))
+        extra = as_id_list(weights.read_json(gen).get("eos_token_id"))
         cfg.eos_token_id = list(dict.fromkeys(cfg.eos_ids + extra))
 
 
@@ -350,6 +349,7 @@ class Phi3(nn.Module):
         add_generation_stop_ids(cfg, path)
         ckpt = weights.Checkpoint(path)
         cfg.lm_head_bias = "lm_head.bias" in ckpt
+        weights.check_layers(ckpt, "model.layers.", cfg.num_hidden_layers, "num_hidden_layers")
         return weights.load_model(ckpt, lambda: cls(cfg), lambda c, m: convert_checkpoint(c, "", m), dtype, device)
 
 

@@ -169,6 +169,7 @@ class PerceiverResampler(nn.Module):
         if prefix + "latents" not in ckpt and "vlm.vision_tokenizer.latents" in ckpt:
             raise weights.CheckpointError(f"{path}: no '{prefix}latents', but an xGen-MM checkpoint's resampler: "
                                           "pass prefix='vlm.vision_tokenizer.'")
+        weights.check_layers(ckpt, prefix + "layers.", config.depth, "depth")
         return weights.load_model(ckpt, lambda: cls(config), lambda c, _: convert_checkpoint(c, prefix, config),
                                   dtype, device, prefix)
 

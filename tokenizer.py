@@ -35,14 +35,23 @@ import torch
 # editing two fields of a serialized SentencePiece model (protobuf wire format)
 
 
+class TokenizerError(ValueError):
+    """Tokenizer files that cannot be read (a corrupt tokenizer.model, a tokenizer_config.json that is not
+    JSON): the message names the file."""
+
+
 def _varint(buf, i):
-    out, shift = 0, 0
-    while True:
-        b = buf[i]
-        out |= (b & 0x7F) << shift
-        i, shift = i + 1, shift + 7
+    """The varint at buf[i] and the position after it. At most 10 bytes (a 64-bit value), as protobuf allows:
+    a run of 0xFF bytes is an error at once, not an ever longer integer (which took quadratic time)."""
+    out = 0
+    for k in range(10):
+        if i + k >= len(buf):
+            raise TokenizerError("truncated varint")
+        b = buf[i + k]
+        out |= (b & 0x7F) << (7 * k)
         if b < 0x80:
-            return out, i
+            return out, i + k + 1
+    raise TokenizerError("varint longer than 10 bytes")
 
 
 def _encode_varint(n):
@@ -69,7 +78,9 @@ def _fields(buf):
         elif wt in (1, 5):
             payload, i = i, i + (8 if wt == 1 else 4)
         else:
-            raise ValueError(f"tokenizer.model: unsupported protobuf wire type {wt}")
+            raise TokenizerError(f"unsupported protobuf wire type {wt} at byte {start}")
+        if i > len(buf):
+            raise TokenizerError(f"a field at byte {start} runs past the end of the data")
         yield num, wt, start, i, payload
 
 
@@ -100,11 +111,22 @@ TRAINER_SPEC, NORMALIZER_SPEC, SPLIT_BY_WHITESPACE, ADD_DUMMY_PREFIX = 2, 3, 22,
 
 
 def bare_processor(model_bytes):
-    """A SentencePieceProcessor that adds no dummy prefix and runs BPE over whole pieces of text."""
-    proto = _edit_message(model_bytes, NORMALIZER_SPEC, lambda m: _set_bool(m, ADD_DUMMY_PREFIX, False))
-    proto = _edit_message(proto, TRAINER_SPEC, lambda m: _set_bool(m, SPLIT_BY_WHITESPACE, False))
-    sp = spm.SentencePieceProcessor()
-    sp.LoadFromSerializedProto(proto)
+    """A SentencePieceProcessor that adds no dummy prefix and runs BPE over whole pieces of text.
+
+    The edit walks the top-level fields once (linear time, every length checked against the data); bytes
+    that are not a SentencePiece model are a TokenizerError, never an IndexError or a crash.
+    """
+    try:
+        proto = _edit_message(model_bytes, NORMALIZER_SPEC, lambda m: _set_bool(m, ADD_DUMMY_PREFIX, False))
+        proto = _edit_message(proto, TRAINER_SPEC, lambda m: _set_bool(m, SPLIT_BY_WHITESPACE, False))
+        sp = spm.SentencePieceProcessor()
+        sp.LoadFromSerializedProto(proto)
+    except TokenizerError as e:
+        raise TokenizerError(f"not a SentencePiece model ({e})") from None
+    except (RuntimeError, OSError, ValueError) as e:  # what sentencepiece raises for a model it cannot parse
+        raise TokenizerError(f"not a SentencePiece model ({type(e).__name__}: {str(e)[:200]})") from None
+    if sp.get_piece_size() == 0:
+        raise TokenizerError("a SentencePiece model without pieces")
     return sp
 
 # -----------------------------------------------------------------------------
@@ -272,29 +294,44 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path):
+        """The tokenizer files of a Hub-layout folder; a file that is missing or cannot be read (a corrupt
+        tokenizer.model, a config that is not JSON or not of the expected shape) is a TokenizerError naming it."""
         path = Path(path)
         model = path / "tokenizer.model"
         if not model.is_file():
-            raise FileNotFoundError(f"{model}: missing; the tokenizer needs the SentencePiece tokenizer.model")
+            raise TokenizerError(f"{model}: missing; the tokenizer needs the SentencePiece tokenizer.model")
         cfg = _read_json(path / "tokenizer_config.json")
         special_map = _read_json(path / "special_tokens_map.json")
-        added = {int(i): AddedToken(**{k: v for k, v in t.items() if k in AddedToken.__dataclass_fields__})
-                 for i, t in cfg.get("added_tokens_decoder", {}).items()}
-        extra = set(map(_content, special_map.get("additional_special_tokens", [])))
-        for content, i in _read_json(path / "added_tokens.json").items():
+        added_json = _read_json(path / "added_tokens.json")
+        try:
+            added = {int(i): AddedToken(**{k: v for k, v in t.items() if k in AddedToken.__dataclass_fields__})
+                     for i, t in cfg.get("added_tokens_decoder", {}).items()}
+            if not all(isinstance(t.content, str) for t in added.values()):
+                raise TypeError("an added token's content is not a string")
+            extra = set(map(_content, special_map.get("additional_special_tokens", [])))
+        except (AttributeError, TypeError, ValueError) as e:
+            raise TokenizerError(f"{path}: tokenizer_config.json or special_tokens_map.json has an unexpected shape "
+                                 f"({type(e).__name__}: {e})") from None
+        for content, i in added_json.items():
+            if not isinstance(i, int):
+                raise TokenizerError(f"{path}/added_tokens.json: the id of {content!r} is not an integer")
             if i in added and added[i].content != content:
-                raise ValueError(f"{path}: added_tokens.json gives id {i} to {content!r}, "
-                                 f"tokenizer_config.json to {added[i].content!r}")
+                raise TokenizerError(f"{path}: added_tokens.json gives id {i} to {content!r}, "
+                                     f"tokenizer_config.json to {added[i].content!r}")
             added.setdefault(i, AddedToken(content, special=content in extra))
 
         def special(name, default):
             v = cfg.get(name, special_map.get(name, default))
             return None if v is None else _content(v)
 
-        return cls(model.read_bytes(), added, bos=special("bos_token", "<s>"), eos=special("eos_token", "</s>"),
-                   unk=special("unk_token", "<unk>"), pad=special("pad_token", None),
-                   add_bos=cfg.get("add_bos_token", True), add_eos=cfg.get("add_eos_token", False),
-                   legacy=cfg.get("legacy", False) is True, add_prefix_space=cfg.get("add_prefix_space") is not False)
+        try:
+            return cls(model.read_bytes(), added, bos=special("bos_token", "<s>"), eos=special("eos_token", "</s>"),
+                       unk=special("unk_token", "<unk>"), pad=special("pad_token", None),
+                       add_bos=cfg.get("add_bos_token", True), add_eos=cfg.get("add_eos_token", False),
+                       legacy=cfg.get("legacy", False) is True,
+                       add_prefix_space=cfg.get("add_prefix_space") is not False)
+        except TokenizerError as e:
+            raise TokenizerError(f"{model}: {e}") from None
 
     def save_pretrained(self, path):
         """Write the Hub layout back: tokenizer.model, tokenizer_config.json, added_tokens.json, special_tokens_map.json."""
@@ -321,7 +358,16 @@ def _utf8(data):
 
 
 def _read_json(f):
-    return json.loads(f.read_text()) if f.is_file() else {}
+    """A tokenizer JSON file as a dict ({} when absent); anything else is a TokenizerError naming it."""
+    if not f.is_file():
+        return {}
+    try:
+        d = json.loads(f.read_bytes())
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deeply
+        raise TokenizerError(f"{f}: not a valid JSON file ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(d, dict):
+        raise TokenizerError(f"{f}: expected a JSON object, found {type(d).__name__}")
+    return d
 
 
 def _write_json(f, obj):

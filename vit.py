@@ -181,6 +181,7 @@ class ViT(nn.Module):
         prefix = "vision_model." if "vision_model.embeddings.patch_embedding.weight" in ckpt else ""
         if hf["model_type"] == "siglip":  # a full SigLIP: its text tower and contrastive logit scale/bias
             ckpt.skip(r"text_model\.|logit_scale$|logit_bias$")
+        weights.check_layers(ckpt, prefix + "encoder.layers.", config.num_hidden_layers, "num_hidden_layers")
         return weights.load_model(ckpt, lambda: cls(config), lambda c, _: convert_checkpoint(c, prefix, config),
                                   dtype, device)
 

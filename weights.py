@@ -10,6 +10,10 @@ The one strict checkpoint loader (and writer) that vit.py, resampler.py, phi3.py
 - Strict: every tensor a module expects must be taken by name with its shape checked, every tensor
   nobody takes must be explicitly skipped, and anything else is an error that names the key (and
   both shapes for a mismatch). Loaders never print-and-continue.
+- Untrusted files: a malformed safetensors header, a config.json or index.json that is not JSON, and an
+  index whose shard paths leave the checkpoint directory (`../x.safetensors`, absolute paths) are each a
+  CheckpointError naming the file; a config's layer count must match the layers the checkpoint holds
+  (`check_layers`) before any module is built.
 """
 import json
 import os
@@ -17,12 +21,13 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that does not match the model: missing, unexpected or mis-shaped tensors."""
+    """A checkpoint that cannot be loaded or does not match the model (missing, unexpected or mis-shaped
+    tensors, unreadable files): the message names the file or the key."""
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "org/name", as on the Hugging Face Hub
@@ -69,7 +74,19 @@ def read_config(path, name="config.json"):
     f = d / name
     if not f.is_file():
         raise CheckpointError(f"{f}: missing; a checkpoint directory needs its {name}")
-    return json.loads(f.read_text())
+    return read_json(f)
+
+
+def read_json(f):
+    """A JSON object from a checkpoint's file; anything else (not JSON, not UTF-8, nested too deeply, not an
+    object) is a CheckpointError naming the file."""
+    try:
+        d = json.loads(Path(f).read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{f}: not a valid JSON file ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{f}: expected a JSON object, found {type(d).__name__}")
+    return d
 
 
 class Checkpoint:
@@ -79,26 +96,37 @@ class Checkpoint:
     use are named with `skip`; `finish` raises if anything was neither taken nor skipped.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, allow_outside=False):
+        """`allow_outside`: follow index.json shard paths that leave the checkpoint directory (off: refused)."""
         path = resolve_dir(path)
         self.path = path
         self.where = {}  # key -> file that holds it
-        for f in self._files(path):
-            with safe_open(f, framework="pt") as h:
-                for k in h.keys():
-                    if k in self.where:  # e.g. a stale model.safetensors beside newer shards
-                        raise CheckpointError(f"{path}: tensor '{k}' is in both {self.where[k].name} and {f.name}")
-                    self.where[k] = f
+        for f in self._files(path, allow_outside):
+            try:
+                with safe_open(f, framework="pt") as h:
+                    keys = list(h.keys())
+            except (SafetensorError, OSError) as e:  # the header is checked whole here, before any tensor is read
+                raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+            for k in keys:
+                if k in self.where:  # e.g. a stale model.safetensors beside newer shards
+                    raise CheckpointError(f"{path}: tensor '{k}' is in both {self.where[k].name} and {f.name}")
+                self.where[k] = f
         self.handles = {}
         self.used = set()
 
     @staticmethod
-    def _files(path):
+    def _files(path, allow_outside=False):
         if path.is_file():
             return [path]
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+            for v in weight_map.values():
+                if not allow_outside and (os.path.isabs(v) or ".." in Path(v).parts):
+                    raise CheckpointError(f"{index} lists shard {v[:200]!r}, outside the checkpoint directory "
+                                          f"{path}: refused (a checkpoint's shards live in its own directory)")
             files = sorted({path / v for v in weight_map.values()})
             for f in files:
                 if not f.is_file():
@@ -149,6 +177,18 @@ class Checkpoint:
             shown = ", ".join(f"'{k}' {self.shape(k)}" for k in left[:8])
             more = f" and {len(left) - 8} more" if len(left) > 8 else ""
             raise CheckpointError(f"{self.path}: unexpected tensor(s) the model has no place for: {shown}{more}")
+
+
+def check_layers(ckpt, prefix, n, field):
+    """The config's layer count `n` (config field `field`) against the layers `{prefix}{i}.` the checkpoint
+    holds, before a module is built: a config claiming 20,000 layers must not build 20,000 meta modules
+    (tens of seconds, hundreds of MB) before the first missing key is noticed."""
+    rx = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = {int(m.group(1)) for k in ckpt.where if (m := rx.match(k))}
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or found != set(range(n)):
+        have = f"layers 0-{max(found)}" if found and found == set(range(max(found) + 1)) else f"{len(found)} layers"
+        raise CheckpointError(f"{ckpt.path}: config.json says {field} = {n!r}, but the checkpoint holds {have} "
+                              f"under {prefix}")
 
 
 def load_model(ckpt, build, convert, dtype=None, device=None, prefix=""):

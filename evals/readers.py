@@ -30,7 +30,9 @@ asks a model about. A file is recognised by its content, not its name (docs/eval
   "correctAnswer", "questionId"}}} and images/; a text file of image ids beside it keeps only those.
 
 Bad input is a BadSample naming the file and the record: a missing image, a question without annotations, a
-malformed TSV row or JSON line, a record without the fields its format needs.
+malformed TSV row or JSON line, a record without the fields its format needs or with a field of the wrong type,
+a file that is not UTF-8 or JSON nested too deeply to parse, an image name that leaves the image folder
+(absolute, or `..`). Benchmark files are downloaded like training data and read as untrusted input too.
 References: VQAv2 (arXiv 1612.00837), OK-VQA (1906.00067), TextVQA (1904.08920), VizWiz (1802.08218), COCO
 Captions (1504.00325) and the Karpathy split (1412.2306), NoCaps (1812.08658), TextCaps (2003.12462), POPE
 (2305.10355), MMBench (2307.06281), SEED-Bench (2307.16125), ScienceQA (2209.09513), AI2D (1603.07396), and
@@ -44,8 +46,9 @@ import string
 import sys
 from pathlib import Path
 
-from images import BadSample
 from evals.metrics import CIRCULAR, rotate
+from formats import UNTRUSTED, leaves_folder, parse_json, short
+from images import BadSample
 
 KINDS = {"vqa-questions": "vqa", "vqa-annotations": "vqa", "textvqa": "vqa", "vizwiz": "vqa",
          "karpathy": "caption", "coco-captions": "caption", "textcaps": "caption", "pope": "pope",
@@ -58,21 +61,35 @@ ANSWER_KEYS = ("answer", "caption", "text", "prediction")
 
 
 def read_json(path):
-    """A JSON document, or JSON lines (POPE's .json files are JSON lines) as a list."""
-    text = Path(path).read_text(encoding="utf-8")
+    """A JSON document, or JSON lines (POPE's .json files are JSON lines) as a list. Text that is not UTF-8 and
+    JSON that is malformed or nested too deeply to parse are a BadSample naming the file (and line)."""
+    raw = Path(path).read_bytes()
     try:
-        return json.loads(text)
+        return json.loads(raw)
     except json.JSONDecodeError as e:
-        if e.msg != "Extra data":
+        if e.msg != "Extra data":  # "Extra data": more than one value, so JSON lines, read below
             raise BadSample(str(path), f"not valid JSON ({e})", "bad json") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        try:
-            if line.strip():
-                rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise BadSample(f"{path}:{n}", f"malformed JSON line ({e})", "bad json") from None
-    return rows
+    except (UnicodeDecodeError, RecursionError):
+        return parse_json(raw, str(path))  # raises the BadSample that says which
+    return [parse_json(line, f"{path}:{n}") for n, line in enumerate(raw.split(b"\n"), 1) if line.strip()]
+
+
+class named:
+    """`with named(where):` around the reading of one record (or file): what a field of the wrong type or shape
+    makes Python raise (a number where a list belongs, a list where a dict belongs, an index out of range, a
+    TSV that is not UTF-8) becomes a BadSample naming it, so that eval.py ends with one line, not a traceback."""
+
+    def __init__(self, where):
+        self.where = where
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if e is None or isinstance(e, BadSample) or not isinstance(e, UNTRUSTED + (csv.Error,)):
+            return False
+        what = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "a field of the wrong type or shape"
+        raise BadSample(self.where, f"{what} ({type(e).__name__}: {short(str(e))})", "bad record") from None
 
 
 def sniff(path):
@@ -121,9 +138,13 @@ def sniff(path):
 
 def image_at(images, names, where):
     """The first of `names` (paths relative to the `images` folder) that exists; None when images is None
-    (scoring needs no images)."""
+    (scoring needs no images). A name that leaves the folder (absolute, or `..`) is refused, not looked up."""
     if images is None:
         return None
+    for name in names:
+        if not isinstance(name, str) or leaves_folder(name):
+            raise BadSample(where, f"image name {short(name)} is not a file name inside the image folder {images}",
+                            "unsafe path")
     for name in names:
         if (Path(images) / name).is_file():
             return Path(images) / name
@@ -131,6 +152,8 @@ def image_at(images, names, where):
 
 
 def need(row, keys, where):
+    if not isinstance(row, dict):
+        raise BadSample(where, f"a record must be a JSON object, not {short(row)}", "bad record")
     missing = [k for k in keys if k not in row]
     if missing:
         raise BadSample(where, f"no {', '.join(map(repr, missing))} field", "missing field")
@@ -147,14 +170,15 @@ def vqa_questions(path, doc, images, answers):
     out = []
     for n, q in enumerate(doc["questions"]):
         where = f"{path}: question {n}"
-        qid, image_id, question = need(q, ("question_id", "image_id", "question"), where)
-        name = f"COCO_{subtype}_{int(image_id):012d}.jpg"
-        if answers is not None and qid not in answers:
-            raise BadSample(where, f"question_id {qid} has no annotation in the annotations file", "no annotation")
-        ann = answers.get(qid, {}) if answers is not None else {}
-        out.append({"id": qid, "image": image_at(images, [name, f"{subtype}/{name}"], where), "question": question,
-                    "answers": [a["answer"] for a in ann["answers"]] if ann else None,
-                    "answer_type": ann.get("answer_type")})
+        with named(where):
+            qid, image_id, question = need(q, ("question_id", "image_id", "question"), where)
+            name = f"COCO_{subtype}_{int(image_id):012d}.jpg"
+            if answers is not None and qid not in answers:
+                raise BadSample(where, f"question_id {qid} has no annotation in the annotations file", "no annotation")
+            ann = answers.get(qid, {}) if answers is not None else {}
+            out.append({"id": qid, "image": image_at(images, [name, f"{subtype}/{name}"], where), "question": question,
+                        "answers": [a["answer"] for a in ann["answers"]] if ann else None,
+                        "answer_type": ann.get("answer_type")})
     return out
 
 
@@ -173,10 +197,11 @@ def textvqa(path, doc, images):
     out = []
     for n, q in enumerate(doc["data"]):
         where = f"{path}: record {n}"
-        qid, image_id, question = need(q, ("question_id", "image_id", "question"), where)
-        out.append({"id": qid, "question": question, "answers": q.get("answers"), "ocr_tokens": q.get("ocr_tokens"),
-                    "image": image_at(images, [f"{image_id}.jpg", f"train_images/{image_id}.jpg",
-                                               f"test_images/{image_id}.jpg"], where)})
+        with named(where):
+            qid, image_id, question = need(q, ("question_id", "image_id", "question"), where)
+            out.append({"id": qid, "question": question, "answers": q.get("answers"), "ocr_tokens": q.get("ocr_tokens"),
+                        "image": image_at(images, [f"{image_id}.jpg", f"train_images/{image_id}.jpg",
+                                                   f"test_images/{image_id}.jpg"], where)})
     return out
 
 
@@ -184,11 +209,12 @@ def vizwiz(path, doc, images):
     out = []
     for n, q in enumerate(doc):
         where = f"{path}: record {n}"
-        image, question = need(q, ("image", "question"), where)
-        split = image.split("_")[1] if image.count("_") >= 2 else ""  # VizWiz_val_00000000.jpg
-        answers = [a["answer"] for a in q["answers"]] if q.get("answers") else None
-        out.append({"id": image, "question": question, "answers": answers, "answer_type": q.get("answer_type"),
-                    "image": image_at(images, [image, f"{split}/{image}"], where)})
+        with named(where):
+            image, question = need(q, ("image", "question"), where)
+            split = image.split("_")[1] if image.count("_") >= 2 else ""  # VizWiz_val_00000000.jpg
+            answers = [a["answer"] for a in q["answers"]] if q.get("answers") else None
+            out.append({"id": image, "question": question, "answers": answers, "answer_type": q.get("answer_type"),
+                        "image": image_at(images, [image, f"{split}/{image}"] if split else [image], where)})
     return out
 
 
@@ -196,11 +222,13 @@ def karpathy(path, doc, images, split):
     out = []
     for n, im in enumerate(doc["images"]):
         where = f"{path}: image {n}"
-        if im.get("split") != split:
-            continue
-        filename, sentences = need(im, ("filename", "sentences"), where)
-        out.append({"id": im.get("cocoid", filename), "captions": [s["raw"] for s in sentences],
-                    "image": image_at(images, [f"{im.get('filepath', '')}/{filename}", filename], where)})
+        with named(where):
+            if im.get("split") != split:
+                continue
+            filename, sentences = need(im, ("filename", "sentences"), where)
+            out.append({"id": im.get("cocoid", filename), "captions": [s["raw"] for s in sentences],
+                        "image": image_at(images, [f"{im['filepath']}/{filename}", filename] if im.get("filepath")
+                                                 else [filename], where)})
     return out
 
 
@@ -212,10 +240,11 @@ def coco_captions(path, doc, images):
     out = []
     for n, im in enumerate(doc.get("images", [])):
         where = f"{path}: image {n}"
-        image_id, name = need(im, ("id", "file_name"), where)
-        if image_id not in captions and images is None:
-            continue  # scoring: an image without captions has nothing to score against
-        out.append({"id": image_id, "captions": captions.get(image_id), "image": image_at(images, [name], where)})
+        with named(where):
+            image_id, name = need(im, ("id", "file_name"), where)
+            if image_id not in captions and images is None:
+                continue  # scoring: an image without captions has nothing to score against
+            out.append({"id": image_id, "captions": captions.get(image_id), "image": image_at(images, [name], where)})
     return out
 
 
@@ -223,12 +252,13 @@ def textcaps(path, doc, images):
     out, seen = [], set()
     for n, c in enumerate(doc["data"]):
         where = f"{path}: record {n}"
-        (image_id,) = need(c, ("image_id",), where)
-        if image_id in seen:  # one entry per caption, each carrying all of the image's references
-            continue
-        seen.add(image_id)
-        names = [c.get("image_path", ""), f"{image_id}.jpg", f"train_images/{image_id}.jpg"]
-        out.append({"id": image_id, "captions": c.get("reference_strs"), "image": image_at(images, names, where)})
+        with named(where):
+            (image_id,) = need(c, ("image_id",), where)
+            if image_id in seen:  # one entry per caption, each carrying all of the image's references
+                continue
+            seen.add(image_id)
+            names = [c.get("image_path", ""), f"{image_id}.jpg", f"train_images/{image_id}.jpg"]
+            out.append({"id": image_id, "captions": c.get("reference_strs"), "image": image_at(images, names, where)})
     return out
 
 
@@ -236,12 +266,13 @@ def pope(path, doc, images):
     out = []
     for n, q in enumerate(doc, 1):
         where = f"{path}:{n}"
-        qid, image, text = need(q, ("question_id", "image", "text"), where)
-        label = q.get("label")
-        if label not in ("yes", "no", None):
-            raise BadSample(where, f"label {label!r} is neither 'yes' nor 'no'", "bad label")
-        out.append({"id": qid, "question": text, "label": label,
-                    "image": image_at(images, [image, f"val2014/{image}"], where)})
+        with named(where):
+            qid, image, text = need(q, ("question_id", "image", "text"), where)
+            label = q.get("label")
+            if label not in ("yes", "no", None):
+                raise BadSample(where, f"label {label!r} is neither 'yes' nor 'no'", "bad label")
+            out.append({"id": qid, "question": text, "label": label,
+                        "image": image_at(images, [image, f"val2014/{image}"], where)})
     return out
 
 
@@ -292,14 +323,15 @@ def seed(path, doc, images):
     out = []
     for n, q in enumerate(doc["questions"]):
         where = f"{path}: question {n}"
-        if q.get("data_type", "image") != "image":
-            continue  # the video questions (SEED-Bench's dimensions 10-12)
-        qid, question, data_id = need(q, ("question_id", "question", "data_id"), where)
-        options = {c.upper(): q[f"choice_{c}"] for c in "abcd" if f"choice_{c}" in q}
-        out.append({"id": qid, "question": question, "hint": "", "options": options, "answer": q.get("answer"),
-                    "category": names.get(q.get("question_type_id")),
-                    "image": image_at(images, [data_id, f"SEED-Bench-image/{data_id}", f"SEED-Bench-image/{data_id}.jpg"],
-                                         where)})
+        with named(where):
+            if q.get("data_type", "image") != "image":
+                continue  # the video questions (SEED-Bench's dimensions 10-12)
+            qid, question, data_id = need(q, ("question_id", "question", "data_id"), where)
+            options = {c.upper(): q[f"choice_{c}"] for c in "abcd" if f"choice_{c}" in q}
+            out.append({"id": qid, "question": question, "hint": "", "options": options, "answer": q.get("answer"),
+                        "category": names.get(q.get("question_type_id")),
+                        "image": image_at(images, [data_id, f"SEED-Bench-image/{data_id}",
+                                                   f"SEED-Bench-image/{data_id}.jpg"], where)})
     return out
 
 
@@ -307,13 +339,15 @@ def scienceqa(path, doc, images, split):
     out = []
     for pid, q in doc.items():
         where = f"{path}: problem {pid}"
-        if q.get("split") != split or not q.get("image"):
-            continue  # ScienceQA-IMG: the split's questions that come with an image
-        question, choices, answer = need(q, ("question", "choices", "answer"), where)
-        letters = string.ascii_uppercase[:len(choices)]
-        out.append({"id": pid, "question": question, "hint": q.get("hint", ""), "options": dict(zip(letters, choices)),
-                    "answer": letters[answer] if isinstance(answer, int) else None, "category": q.get("subject"),
-                    "image": image_at(images, [f"{split}/{pid}/{q['image']}", f"{pid}/{q['image']}"], where)})
+        with named(where):
+            if q.get("split") != split or not q.get("image"):
+                continue  # ScienceQA-IMG: the split's questions that come with an image
+            question, choices, answer = need(q, ("question", "choices", "answer"), where)
+            letters = string.ascii_uppercase[:len(choices)]
+            out.append({"id": pid, "question": question, "hint": q.get("hint", ""),
+                        "options": dict(zip(letters, choices)), "category": q.get("subject"),
+                        "answer": letters[answer] if isinstance(answer, int) else None,
+                        "image": image_at(images, [f"{split}/{pid}/{q['image']}", f"{pid}/{q['image']}"], where)})
     return out
 
 
@@ -321,15 +355,18 @@ def ai2d(folder, look, keep=None):
     out = []
     for f in sorted((folder / "questions").glob("*.json")):
         doc = read_json(f)
-        name = doc.get("imageName", f.stem)
-        if keep is not None and name.split(".")[0] not in keep:
-            continue
-        for text, q in doc.get("questions", {}).items():
+        with named(f):
+            name, questions = doc.get("imageName", f.stem), list(doc.get("questions", {}).items())
+            if keep is not None and name.split(".")[0] not in keep:
+                continue
+        for text, q in questions:
             where = f"{f}: question {text!r}"
-            qid, choices, answer = need(q, ("questionId", "answerTexts", "correctAnswer"), where)
-            letters = string.ascii_uppercase[:len(choices)]
-            out.append({"id": qid, "question": text, "hint": "", "options": dict(zip(letters, choices)),
-                        "answer": letters[answer], "image": image_at(folder / "images" if look else None, [name], where)})
+            with named(where):
+                qid, choices, answer = need(q, ("questionId", "answerTexts", "correctAnswer"), where)
+                letters = string.ascii_uppercase[:len(choices)]
+                out.append({"id": qid, "question": text, "hint": "", "options": dict(zip(letters, choices)),
+                            "answer": letters[answer],
+                            "image": image_at(folder / "images" if look else None, [name], where)})
     return out
 
 # -----------------------------------------------------------------------------
@@ -339,6 +376,32 @@ def ai2d(folder, look, keep=None):
 def load(paths, images=None, split="test"):
     """(format, records) of one benchmark's files. `images`: the image folder (None: do not look for images).
     `split`: the Karpathy or ScienceQA split to read. A .txt file among AI2D's paths lists the image ids to keep."""
+    where = ", ".join(map(str, paths))
+    with named(where):  # a top level of the wrong shape ({"questions": 5}) names the files
+        fmt, records = read_files(paths, images, split)
+    for r in records:
+        for field, many in TEXTS[KINDS[fmt]]:
+            if field in r and not is_text(r[field], many):
+                raise BadSample(f"{where}: record {short(r.get('id'))}", f"{field} must be "
+                                f"{'a list of strings' if many else 'a string'}, not {short(r[field])}", "bad record")
+    return fmt, records
+
+
+TEXTS = {"vqa": [("question", False), ("answers", True)], "caption": [("captions", True)],
+         "pope": [("question", False)], "choice": [("question", False), ("options", True)]}  # (field, a list?)
+
+
+def is_text(value, many):
+    """A string; or, for `many`, None (no annotations) or a list (or dict) of strings. Checked once here, so
+    that a number where a question or an answer belongs is named by file and record, not met as a TypeError
+    in the metrics."""
+    if not many:
+        return isinstance(value, str)
+    values = list(value.values()) if isinstance(value, dict) else value
+    return value is None or (isinstance(values, list) and all(isinstance(v, str) for v in values))
+
+
+def read_files(paths, images, split):
     lists = [p for p in paths if Path(p).suffix == ".txt"]
     found = [(p, *sniff(p)) for p in paths if p not in lists]
     if any(f == "vqa-questions" for _, f, _ in found):

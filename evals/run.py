@@ -85,22 +85,26 @@ def pictures(q, open_image):
 def resume(path, header):
     """{str(id): line} already answered in `path` under the same header; a new file (header only) otherwise."""
     path = Path(path)
-    if not path.is_file() or not path.read_text().strip():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"run": header}) + "\n")
-        return {}
-    lines = path.read_text().splitlines()
-    try:
-        rows = [json.loads(x) for x in lines]
-    except json.JSONDecodeError:
-        rows = [json.loads(x) for x in lines[:-1]]  # the last line, cut by a kill mid-write, is asked again
-        path.write_text("".join(x + "\n" for x in lines[:-1]))
+    with readers.named(path):  # a file that is not predictions (not UTF-8, not JSON objects): one line, exit 2
+        lines = path.read_text().splitlines() if path.is_file() else []
+        if not "".join(lines).strip():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"run": header}) + "\n")
+            return {}
+        try:
+            rows = [json.loads(x) for x in lines]
+        except json.JSONDecodeError:
+            rows = [json.loads(x) for x in lines[:-1]]  # the last line, cut by a kill mid-write, is asked again
+            path.write_text("".join(x + "\n" for x in lines[:-1]))
+        if not all(isinstance(r, dict) for r in rows):
+            raise BadSample(str(path), "holds lines that are not JSON objects: not a predictions file", "bad json")
     if not rows or rows[0].get("run") != header:
-        old = rows[0].get("run", {}) if rows else {}
+        old = rows[0]["run"] if rows and isinstance(rows[0].get("run"), dict) else {}
         diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in header.items() if old.get(k) != v)
         raise BadSample(str(path), f"holds another run's predictions ({diff or 'no header'}); pass another "
                         "--predictions or delete it", "other run")
-    return {str(next(r[k] for k in readers.ID_KEYS if k in r)): r for r in rows[1:]}
+    with readers.named(path):  # a line without an id
+        return {str(next(r[k] for k in readers.ID_KEYS if k in r)): r for r in rows[1:]}
 
 
 def write(f, fmt, kind, batch):

@@ -31,6 +31,23 @@ XGENMM_ADDED = ["<pad>", "<image>", "<image placeholder>", "<|endofchunk|>"]
 LSTRIP = "<|lstrip|>"  # a test token with lstrip and rstrip, so both branches meet the reference
 
 
+def perturb(module, seed=0, matrix_std=0.05):
+    """Weights unlike transformers' defaults, so that a parity test sees every parameter: by default every
+    norm weight is 1, every bias 0 and Phi-3's attention near uniform (std 0.02), so a swapped or dropped norm
+    weight, a dropped bias or a wrong attention scale changes nothing. Here norm weights become U(0.5, 1.5),
+    every 1-D parameter otherwise (biases, norm biases) N(0, 0.2), and every matrix gets N(0, matrix_std)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.add_(matrix_std * torch.randn(p.shape, generator=g))
+    return module
+
+
 def write_tokenizer(d, add_bos=False, xgenmm=False, lstrip=True, vocab_size=700):
     """Returns the SentencePiece size n; added tokens take ids n, n+1, ... (Phi-3's 11, then xGen-MM's 4 if asked)."""
     random.seed(0)

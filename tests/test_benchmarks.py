@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -521,6 +522,52 @@ def test_bad_input_is_named(capsys, files, tmp_path):
                                  "--predictions", tmp_path / f"{case}.jsonl", "--quiet", *args)
         assert code == 2 and out == "" and len(errors) == 1, (case, errors)
         assert all(s in errors[0] for s in says), (case, errors[0])
+
+
+HOSTILE = {  # a downloaded benchmark file of the wrong shape: (file name, content, what the message says)
+    "image: 5": ("viz.json", [{"image": 5, "question": "q", "answers": None}], "viz.json: record 0"),
+    "answers as strings": ("viz.json", [{"image": "a.jpg", "question": "q", "answers": ["x"]}], "record 0"),
+    "record not an object": ("viz2.json", [{"image": "a.jpg", "question": "q"}, 7], "must be a JSON object"),
+    "question: 5": ("pope.jsonl", [{"question_id": 1, "image": "a.jpg", "text": 5, "label": "yes"}] * 2,
+                    "question must be a string"),
+    "image_id not a number": ("q.json", {"data_subtype": "val2014", "questions": [{"question_id": 1, "image_id": "x",
+                                                                           "question": "q"}]}, "question 0"),
+    "sentences: [5]": ("k.json", {"images": [{"split": "test", "filename": "a.jpg", "sentences": [5]}]}, "image 0"),
+    "answer index out of range": ("sqa.json", {"1": {"question": "q", "choices": ["a", "b"], "answer": 9,
+                                                     "image": "i.png", "split": "test"}}, "problem 1"),
+    "image path ../": ("pope.jsonl", [{"question_id": 1, "image": "../../a.jpg", "text": "q", "label": "no"}] * 2,
+                       "not a file name inside the image folder"),
+    "absolute image path": ("viz.json", [{"image": "/etc/hostname", "question": "q"}], "not a file name inside"),
+    "not UTF-8": ("bad.json", b'[{"image": "\xff"}]', "not UTF-8"),
+    "nested 100k deep": ("deep.json", b"[" * 100_000, "nested too deeply"),
+    "TSV not UTF-8": ("mm.tsv", b"index\tquestion\tA\tB\n0\t\xff\ta\tb\n", "not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_benchmark_files_of_the_wrong_shape_are_named(capsys, tmp_path, case):
+    """Each is a BadSample naming the file and the record, and `eval.py score` ends with one line, exit 2
+    (before, most were a TypeError / KeyError / UnicodeDecodeError traceback, and ../ was followed)."""
+    name, content, says = HOSTILE[case]
+    path = tmp_path / name
+    save(picture(0), tmp_path / "a.jpg")  # the images the good fields name exist: only the fault is met
+    path.write_bytes(content if isinstance(content, bytes) else
+                     ("\n".join(map(json.dumps, content)) if name.endswith("l") else json.dumps(content)).encode())
+    with pytest.raises(readers.BadSample, match=re.escape(says)) as e:
+        readers.load([path], tmp_path)
+    assert name in str(e.value)
+    preds = dump(tmp_path / "p.json", [{"question_id": 1, "answer": "yes"}])
+    code, out, errors = call(capsys, "score", "--task", "vqa", "--predictions", preds, "--references", path)
+    assert code == 2 and out == "" and len(errors) == 1 and name in errors[0], errors
+
+
+def test_a_predictions_file_that_is_not_one_is_named(capsys, files, tmp_path):
+    args = ["run", "--checkpoint", files["ckpt"], "--task", "pope", "--data", files["pope"], "--images",
+            files["root"] / "coco", "--max-new-tokens", 1, "--quiet"]
+    for content in (b"\xff\xfe", b"[1, 2]\n[3]\n", b'{"run": 1}\n'):
+        (tmp_path / "p.jsonl").write_bytes(content)
+        code, out, errors = call(capsys, *args, "--predictions", tmp_path / "p.jsonl")
+        assert code == 2 and len(errors) == 1 and "p.jsonl" in errors[0], (content, errors)
 
 
 def test_score_reports_missing_and_unknown_predictions(capsys, files, tmp_path):

@@ -20,18 +20,11 @@ from safetensors.torch import load_file
 
 import dpo
 import train
-from toy import toyworld
+from conftest import THREADS, world_source
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--workers", "0", "--max-len", "512", "--log-every", "1", "--save-every", "100", "--lr", "1e-3"]
 LORA = ["--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0"]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    toyworld.write_world(out, seed=0, size="small")
-    return out
 
 
 def port():
@@ -54,7 +47,7 @@ def one(main, *args):
     try:
         main([*map(str, args)])
     finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(THREADS)
 
 
 def metrics(out):
@@ -82,10 +75,7 @@ def llava_pair(world, tmp_path):
     micro-batch has an image and the other's has none (FSDP2 then needs the vision path in every rank's graph)."""
     rows = json.loads((world / "sft" / "llava_sft.json").read_text())
     pick = [next(r for r in rows if "image" in r), next(r for r in rows if "image" not in r)]
-    pick[0]["image"] = str(world / pick[0]["image"])
-    path = tmp_path / "pair.json"
-    path.write_text(json.dumps(pick))
-    return path
+    return world_source(world, tmp_path, "pair", "llava", pick)
 
 
 @pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp2", "ddp"])
@@ -122,10 +112,8 @@ def test_precomputed_reference_with_uneven_shares_equals_one_process(world, tmp_
     one(train.main, "--data", world / "mixtures" / "sft.json", "--out-dir", tmp_path / "sft", "--max-steps", "1",
         "--batch-size", "2", *FAST)
     rows = [json.loads(x) for x in (world / "dpo" / "pairs.jsonl").read_text().splitlines()][:5]
-    for r in rows:
-        r["image"] = str(world / r["image"])
-    (tmp_path / "five.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # shares of 3 and 2
-    common = ["--init", tmp_path / "sft", "--data", tmp_path / "five.jsonl", "--max-steps", "1", "--batch-size", "2",
+    five = world_source(world, tmp_path, "five", "pairs", rows)  # shares of 3 and 2
+    common = ["--init", tmp_path / "sft", "--data", five, "--max-steps", "1", "--batch-size", "2",
               "--precompute-ref", *LORA, *FAST]
     one(dpo.main, *common, "--out-dir", tmp_path / "one")
     two("dpo.py", *common, "--out-dir", tmp_path / "two", "--fsdp")

@@ -96,9 +96,7 @@ def test_prompts_follow_the_training_formats():
     assert shots[1].prompt.startswith("<image>Q: Q? A: 0<|endofchunk|><image>Q: Q? A: 1<|endofchunk|>")
 
 
-def test_eval_end_to_end_on_a_tiny_checkpoint(tmp_path):
-    world = tmp_path / "world"
-    toyworld.write_world(world, seed=3, size="small")
+def test_eval_end_to_end_on_a_tiny_checkpoint(world, tmp_path):
     model.XGenMM.from_tokenizer(world / "tokenizer").save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "eval.json"
     metrics = ev.main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(world), "--limit", "4",
@@ -112,8 +110,11 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tmp_path):
     assert all(isinstance(r["answer"], str) for r in rows)
 
 
+@pytest.mark.slow
 def test_run_toy_quick(tmp_path):
-    """The one-command recipe end to end at toy-of-toy size: every stage trains, is evaluated and tabulated."""
+    """The one-command recipe end to end at toy-of-toy size: every stage trains, is evaluated and tabulated.
+    Slow (2-3 minutes) and it checks only that the pieces fit together (each stage's own behaviour has its
+    own tests): `python -m pytest -m slow tests/test_eval.py`."""
     import os
     import subprocess
     import sys

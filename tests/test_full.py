@@ -19,6 +19,7 @@ import bench.full
 import bench.full_cpu
 import model
 import train
+from conftest import THREADS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -224,10 +225,7 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_fsdp2_small_two_processes_equal_one(tmp_path):
-    from toy import toyworld
-    world = tmp_path / "world"
-    toyworld.write_world(world, seed=0, size="small")
+def test_fsdp2_small_two_processes_equal_one(world, tmp_path):
     common = ["--stage", "sft", "--preset", "small", "--data", str(world / "mixtures" / "sft.json"),
               "--workers", "0", "--max-len", "384", "--log-every", "1", "--lr", "1e-3", "--max-steps", "2",
               "--grad-checkpointing"]
@@ -235,7 +233,7 @@ def test_fsdp2_small_two_processes_equal_one(tmp_path):
     try:
         train.main(common + ["--out-dir", str(tmp_path / "one"), "--batch-size", "4"])
     finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(THREADS)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
                         free_port(), "train.py", *common, "--out-dir", str(tmp_path / "two"), "--batch-size", "2",
                         "--fsdp"], cwd=ROOT, capture_output=True, text=True, timeout=1200,

@@ -68,6 +68,26 @@ def test_merge_equals_unmerged_and_unmerge_restores():
         assert maxdiff(m.state_dict()[n], p) <= 1e-6, n
 
 
+def test_the_update_is_alpha_over_r_by_hand():
+    """y = x W^T + b + (alpha / r) x A^T B^T, checked on numbers small enough to do by hand: r = 2, alpha = 8
+    (scale 4), x = (1, 2, 3), A picks x's first two entries, B = [[1, 1], [0, 1]]: B A x = (3, 2), so the update
+    is (12, 8). r / alpha (0.25) would give (0.75, 0.5); alpha alone (8), (24, 16). Merging adds the same."""
+    base = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        base.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
+        base.bias.copy_(torch.tensor([0.5, -0.5]))
+    layer = lora.LoRALinear(base, r=2, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+        layer.lora_B.copy_(torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    expected = torch.tensor([[1.0 + 0.5 + 12.0, 3.0 - 0.5 + 8.0]])  # x W^T + b = (1.5, 2.5), plus the update
+    assert torch.equal(layer(x).detach(), expected)
+    layer.merge()
+    assert torch.equal(layer(x).detach(), expected)
+    assert torch.equal(layer.weight[0].detach(), torch.tensor([5.0, 4.0, 0.0]))  # W + 4 B A
+
+
 def test_only_lora_parameters_train_and_counts():
     m, base = wrapped(r=8)
     trainable, total = lora.mark_only_lora_trainable(m)

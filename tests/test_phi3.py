@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 import generate
 import phi3
 import weights
+from reference import perturb
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,10 +24,31 @@ def hf_config(**kw):
 
 
 def make_hf(tmp_path, seed=0, shard="60KB", **kw):
+    """A tiny random Phi-3 with perturbed weights (reference.perturb): transformers' defaults (every RMSNorm
+    weight 1, attention near uniform) would hide a swapped or dropped norm weight and most position bugs."""
     torch.manual_seed(seed)
-    hf = transformers.Phi3ForCausalLM(hf_config(**kw)).eval()
+    hf = perturb(transformers.Phi3ForCausalLM(hf_config(**kw)).eval(), seed, matrix_std=0.08)
     hf.save_pretrained(tmp_path, max_shard_size=shard)
     return hf
+
+
+def recorded(monkeypatch):
+    """generate.decode's logits at every step, as `sample` sees them: a list of (B, V) tensors, filled by each
+    generate call made while the monkeypatch holds."""
+    seen, real = [], generate.sample
+
+    def sample(logits, *a, **k):
+        seen.append(logits.clone())
+        return real(logits, *a, **k)
+    monkeypatch.setattr(generate, "sample", sample)
+    return seen
+
+
+def hf_step_logits(hf, idx, mask, n, **kw):
+    """transformers' greedy generation: (new tokens (B, n), raw logits (B, n, V) at every step)."""
+    out = hf.generate(input_ids=idx, attention_mask=mask, max_new_tokens=n, do_sample=False, output_logits=True,
+                      return_dict_in_generate=True, **kw)
+    return out.sequences[:, idx.shape[1]:], torch.stack(out.logits, 1)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +122,21 @@ def test_greedy_generate_matches_transformers(pair):
     assert got.tolist() == ref.tolist()
 
 
+def test_left_padded_cached_decoding_logits_equal_transformers_at_every_step(pair, monkeypatch):
+    """Not only the greedy tokens: the logits of every step, prefill and cached decoding, for a left-padded
+    batch longer than the sliding window (8). A position or mask bug that leaves the argmax alone (a padded
+    row's positions off by its padding, a cache slot of padding attended to) still moves these by 1e-2 or more;
+    fp32 rounding stays under 1e-5."""
+    hf, ours, _ = pair
+    prompts = [[1, 17, 33, 250, 9, 81, 4, 120, 77, 5, 6], [1, 300, 42, 8], [1, 5, 9]]
+    idx, mask = generate.left_pad(prompts, 0)
+    ref_tokens, ref_logits = hf_step_logits(hf, idx, mask, 24, eos_token_id=None, pad_token_id=0)
+    seen = recorded(monkeypatch)
+    got = ours.generate(prompts, 24, stop_ids=[])
+    assert got.tolist() == ref_tokens.tolist()
+    assert (torch.stack(seen, 1) - ref_logits).abs().max().item() <= 1e-4
+
+
 def test_batched_generate_equals_one_by_one(pair):
     _, ours, _ = pair
     prompts = [[1, 17, 33, 250, 9, 81, 4, 120, 77, 5, 6], [1, 300, 42, 8], [1, 5]]
@@ -128,10 +165,16 @@ def test_cached_decoding_equals_full_forward(pair):
     assert (got - full).abs().max() <= 1e-5
 
 
-def test_gqa_and_longrope_match_transformers(tmp_path):
+def test_gqa_and_longrope_match_transformers(tmp_path, monkeypatch):
+    """GQA and LongRoPE (random per-frequency factors, so a factor applied to the wrong frequency shows), then
+    generation across the switch from short to long factors: the logits of every step equal the reference's
+    (the cache is rebuilt with the long factors exactly when the reference rebuilds it; keeping the keys
+    rotated with the short factors moves later logits by 1e-2 or more, whatever the greedy tokens do)."""
     half = 64 // 4 // 2
+    g = torch.Generator().manual_seed(5)
     rope = {"rope_type": "longrope", "rope_theta": 10000.0,
-            "short_factor": [1.0 + 0.1 * i for i in range(half)], "long_factor": [2.0 + 0.3 * i for i in range(half)]}
+            "short_factor": (1.0 + torch.rand(half, generator=g)).tolist(),
+            "long_factor": (1.0 + 4.0 * torch.rand(half, generator=g)).tolist()}
     hf = make_hf(tmp_path, num_key_value_heads=2, max_position_embeddings=64, original_max_position_embeddings=16,
                  rope_parameters=rope, sliding_window=None)
     ours = phi3.Phi3.from_pretrained(tmp_path)
@@ -142,9 +185,12 @@ def test_gqa_and_longrope_match_transformers(tmp_path):
             assert (ours(idx) - hf(input_ids=idx).logits).abs().max() <= 1e-4
     # generation that crosses the switch point rebuilds the cache exactly as the reference does
     prompt = torch.randint(3, 384, (1, 10))
-    ref = hf.generate(input_ids=prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ref_tokens, ref_logits = hf_step_logits(hf, prompt, torch.ones_like(prompt), 20, eos_token_id=None,
+                                            pad_token_id=0)
+    seen = recorded(monkeypatch)
     got = ours.generate(prompt, 20, stop_ids=[])
-    assert got.tolist() == ref[:, 10:].tolist()
+    assert got.tolist() == ref_tokens.tolist()
+    assert (torch.stack(seen, 1) - ref_logits).abs().max().item() <= 1e-4
 
 
 def test_generation_config_stop_ids_match_transformers(tmp_path):

@@ -4,6 +4,7 @@ import random
 import pytest
 
 import phi3
+from tokenizer import TokenizerError
 from reference import LSTRIP, PHI3_ADDED, XGENMM_ADDED, write_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -99,7 +100,7 @@ def test_add_tokens_and_save_round_trip(tmp_path):
 
 
 def test_missing_model_file_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+    with pytest.raises(TokenizerError, match="tokenizer.model: missing"):
         phi3.Tokenizer.from_pretrained(tmp_path)
 
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 import model
 from images import preprocess
-from toy import scenes, toyworld
+from toy import scenes
 from toy import toyvision as tv
 
 
@@ -47,9 +47,7 @@ def test_factor_and_cell_labels():
         assert (cells[tv.CELLS, 0] > 0) == bool(scene.text)
 
 
-def test_a_short_run_writes_a_loadable_checkpoint(tmp_path):
-    world = tmp_path / "world"
-    toyworld.write_world(world, seed=1, size="small")
+def test_a_short_run_writes_a_loadable_checkpoint(world, tmp_path):
     tv.main(["--data", str(world), "--out", str(tmp_path / "v"), "--steps", "3", "--images", "2", "--log-every", "1"])
     m = model.XGenMM.from_pretrained(tmp_path / "v")
     assert m.tokenizer is not None and m.config.strategy == "anyres"

@@ -16,13 +16,6 @@ from toy import scenes, toyworld
 GRID = 0.05
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy") / "world"
-    toyworld.write_world(out, seed=0, size="small")
-    return out
-
-
 def files(root):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

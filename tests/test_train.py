@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 import checkpoint
 import model
 import train
+from conftest import THREADS, world_source
 
 ROOT = Path(__file__).resolve().parent.parent
 # Two runs that must give the same update are compared three ways. The loss (<= 1e-5) and the gradient norm
@@ -26,14 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = 3e-4
 GRAD_NORM = 1e-4
 FAST = ["--workers", "0", "--max-len", "512", "--log-every", "1", "--save-every", "100", "--lr", "1e-3"]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from toy import toyworld
-    out = tmp_path_factory.mktemp("world")
-    toyworld.write_world(out, seed=0, size="small")
-    return out
 
 
 def run(world, out, *extra, mixture="pretrain"):
@@ -58,12 +52,8 @@ def same_updates(a, b):
 
 
 def test_loss_falls_and_the_frozen_vit_stays(world, tmp_path):
-    one = tmp_path / "one.json"  # two samples: every batch is the same two, so the loss must fall
     rows = json.loads((world / "sft" / "llava_sft.json").read_text())[:2]
-    for r in rows:
-        if "image" in r:
-            r["image"] = str(world / r["image"])
-    one.write_text(json.dumps(rows))
+    one = world_source(world, tmp_path, "one", "llava", rows)  # two samples: every batch is the same two, so the loss must fall
     train.main(["--data", str(one), "--tokenizer", str(world / "tokenizer"), "--out-dir", str(tmp_path / "a"),
                 "--batch-size", "2", "--max-steps", "8", "--no-train-vit", *FAST])
     log = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -96,12 +86,18 @@ def test_resume_is_exact(world, tmp_path):
     assert max_diff(params(tmp_path / "full" / "ckpt-0000006"), params(tmp_path / "part" / "ckpt-0000006")) == 0
 
 
-def test_safety_trains_only_lora_and_saves_a_merged_model(world, tmp_path):
-    run(world, tmp_path / "base", "--batch-size", "2", "--max-steps", "1")
-    base = tmp_path / "base" / "ckpt-0000001"
-    run(world, tmp_path / "safe", "--stage", "safety", "--init", str(tmp_path / "base"), "--batch-size", "2",
-        "--max-steps", "3",
-        "--lora-r", "4", "--lora-alpha", "8", mixture="safety")
+@pytest.fixture(scope="module")
+def base(world, tmp_path_factory):
+    """A one-step pretraining run: the --init of the LoRA stage tests."""
+    out = tmp_path_factory.mktemp("base")
+    run(world, out, "--batch-size", "2", "--max-steps", "1")
+    return out
+
+
+def test_safety_trains_only_lora_and_saves_a_merged_model(world, base, tmp_path):
+    run(world, tmp_path / "safe", "--stage", "safety", "--init", str(base), "--batch-size", "2",
+        "--max-steps", "3", "--lora-r", "4", "--lora-alpha", "8", mixture="safety")
+    base = base / "ckpt-0000001"
     ckpt = tmp_path / "safe" / "ckpt-0000003"
     before, after = params(base), params(ckpt)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -111,6 +107,19 @@ def test_safety_trains_only_lora_and_saves_a_merged_model(world, tmp_path):
     assert adapters and all(".lora_" in k for k in adapters)
     m = model.XGenMM.from_pretrained(ckpt)  # merged: a plain checkpoint in the official layout
     assert m.tokenizer is not None
+
+
+def test_safety_stop_and_resume_equals_an_uninterrupted_run(world, base, tmp_path):
+    """A LoRA stage resumes by rebuilding the model from --init and taking the adapters, optimiser and RNG
+    (LoRA dropout draws) from its checkpoint: bit for bit the uninterrupted run, merged weights included."""
+    args = ["--stage", "safety", "--init", str(base), "--batch-size", "2", "--max-steps", "4", "--lora-r", "4",
+            "--lora-alpha", "8", "--lora-dropout", "0.1"]
+    full = run(world, tmp_path / "full", *args, mixture="safety")
+    part = run(world, tmp_path / "part", *args, "--stop-after", "2", mixture="safety")
+    both = run(world, tmp_path / "part", *args, "--resume", mixture="safety")
+    assert len(part) == 2 and [r["step"] for r in both] == [1, 2, 3, 4]
+    assert [(r["loss"], r["grad_norm"]) for r in both] == [(r["loss"], r["grad_norm"]) for r in full]
+    assert max_diff(params(tmp_path / "full" / "ckpt-0000004"), params(tmp_path / "part" / "ckpt-0000004")) == 0
 
 
 def test_a_bf16_checkpoint_trains_in_fp32_master_weights(world, tmp_path):
@@ -143,19 +152,21 @@ def test_preset_sizes_a_new_model_and_conflicts_with_init(tmp_path):
 
 def test_bad_samples_are_skipped_and_counted(world, tmp_path):
     rows = json.loads((world / "sft" / "llava_sft.json").read_text())[:12]
-    for r in rows:
-        if "image" in r:
-            r["image"] = str(world / r["image"])
-    rows[1]["image"] = str(tmp_path / "missing.png")
-    (tmp_path / "bad.json").write_text(json.dumps(rows))
+    rows[1]["image"] = "images/missing.png"
+    world_source(world, tmp_path, "bad", "llava", rows)
     train.main(["--data", str(tmp_path / "bad.json"), "--tokenizer", str(world / "tokenizer"), "--out-dir",
                 str(tmp_path / "b"), "--batch-size", "4", "--max-steps", "3", "--max-bad-fraction", "0.5", *FAST])
     log = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["bad_samples"] >= 1 and len(log) == 3
-    with pytest.raises(RuntimeError, match="samples were bad"):
-        train.main(["--data", str(tmp_path / "bad.json"), "--tokenizer", str(world / "tokenizer"), "--out-dir",
-                    str(tmp_path / "c"), "--batch-size", "4", "--max-steps", "60", "--max-bad-fraction", "0.01",
-                    *FAST])  # judged once 200 samples are seen
+    # too many: 7 bad rows of 8 (bad ones are cheap to skip), judged once 200 samples are seen (10 steps of 20)
+    text_only = [r for r in json.loads((world / "sft" / "llava_sft.json").read_text()) if "image" not in r][:1]
+    world_source(world, tmp_path, "worse", "llava", text_only + [dict(rows[0], image="images/missing.png")] * 7)
+    with pytest.raises(RuntimeError, match=r"samples were bad \(missing image: \d+\), more than the allowed 50%"):
+        train.main(["--data", str(tmp_path / "worse.json"), "--tokenizer", str(world / "tokenizer"), "--out-dir",
+                    str(tmp_path / "c"), "--batch-size", "20", "--max-steps", "60", "--max-bad-fraction", "0.5",
+                    *FAST])
+    log = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 9  # stopped at the 10th step, the first to pass 200 samples
 
 
 def free_port():
@@ -178,7 +189,7 @@ def test_two_processes_equal_one(world, tmp_path, fsdp):
     try:
         run(world, tmp_path / "one", "--batch-size", "4", "--max-steps", "2", mixture="sft")
     finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(THREADS)
     torchrun(world, tmp_path / "two", "--batch-size", "2", "--max-steps", "2", *(["--fsdp"] if fsdp else []))
     one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
@@ -200,11 +211,15 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(world, tmp_path):
     args = ["--data", str(world / "mixtures" / "pretrain.json"), "--out-dir", str(out), *FAST, "--batch-size", "2",
             "--max-steps", "6", "--save-every", "2"]
     p = subprocess.Popen([sys.executable, "-c", slow_save, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    for line in p.stdout:
-        if "SAVING" in line:
-            break
+    watchdog = threading.Timer(300, p.kill)  # a run that never reaches the write must not hang the suite
+    watchdog.start()
+    try:
+        saving = any("SAVING" in line for line in p.stdout)  # stops reading at the first SAVING, or at EOF
+    finally:
+        watchdog.cancel()
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
+    assert saving, "the run ended (or hung) before writing its second checkpoint"
     assert (out / ".tmp-ckpt-0000004").is_dir() and not (out / "ckpt-0000004").exists()
     assert checkpoint.newest(out).name == "ckpt-0000002"
     model.XGenMM.from_pretrained(out / "ckpt-0000002")  # loads

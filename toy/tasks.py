@@ -118,6 +118,7 @@ class Item:
     def __init__(self, metric, record, prompt, images, max_new):
         self.metric, self.record, self.prompt, self.images, self.max_new = metric, record, prompt, images, max_new
         self.answer = None
+        self.id = record.get("id")  # what evals/run.py names in an error about this item's image
 
 
 def question_of(record):
@@ -191,9 +192,14 @@ def mean(values):
 def load_split(data, split, limit):
     path = Path(data) / "test" / f"{split}.json"
     if not path.is_file():
-        raise SystemExit(f"eval.py: {path} not found; write the toy world with `python -m toy.toyworld --out "
-                         f"{data}` (or pass --data to the folder that holds test/)")
-    records = json.loads(path.read_text())
+        raise FileNotFoundError(f"{path} not found; write the toy world with `python -m toy.toyworld --out "
+                                f"{data}` (or pass --data to the folder that holds test/)")
+    try:
+        records = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not a valid JSON file ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{path}: expected a JSON list of records")
     return records[:limit] if limit else records
 
 
