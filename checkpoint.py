@@ -22,11 +22,11 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 import lora
 import weights
+from distributed import barrier, rank
 from model import LM, XGenMM
 
 NAME = re.compile(r"ckpt-\d{7}")
@@ -52,15 +52,6 @@ def resolve(path):
 
 # -----------------------------------------------------------------------------
 # save
-
-
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def full_model(m, wrapped):
@@ -119,12 +110,11 @@ def save(run_dir, step, m, wrapped, opt, trainer, args, keep=2):
 # resume
 
 
-def load(ckpt, m, wrapped, opt):
-    """Optimiser, RNG and (for a model with LoRA adapters) the adapters from `ckpt`; returns the trainer state."""
+def load(ckpt, wrapped, opt):
+    """The optimiser state and this rank's RNG from `ckpt`; returns the trainer state. (A LoRA run loads its
+    adapters from trainer/adapters.safetensors before FSDP2 shards the model: train.Run does.)"""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     trainer = json.loads((ckpt / "trainer" / "trainer.json").read_text())
-    if lora.lora_modules(m):
-        lora.load_adapters(m, ckpt / "trainer" / "adapters.safetensors")
     state = {}
     for key, v in load_file(ckpt / "trainer" / "optimizer.safetensors").items():
         fqn, _, k = key.removeprefix("state.").rpartition(".")

@@ -268,10 +268,11 @@ def length(sample):
     return max(sample["chosen"]["length"], sample["rejected"]["length"]) if "chosen" in sample else sample["length"]
 
 
-def loader(mixture, num_workers=2, prefetch=4):
-    """The DataLoader for a Mixture: batches come back in index order, whichever worker built them."""
+def loader(mixture, num_workers=2, prefetch=4, pin_memory=False):
+    """The DataLoader for a Mixture: batches come back in index order, whichever worker built them; in pinned
+    memory when asked (for a GPU: its copies then need not wait for the host)."""
     kw = dict(num_workers=num_workers, prefetch_factor=prefetch, persistent_workers=True) if num_workers else {}
-    return torch.utils.data.DataLoader(mixture, batch_size=None, **kw)
+    return torch.utils.data.DataLoader(mixture, batch_size=None, pin_memory=pin_memory, **kw)
 
 # -----------------------------------------------------------------------------
 # command line

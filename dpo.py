@@ -25,15 +25,16 @@ tokens only (images included in the prompt), the policy pi and the frozen refere
    rewards beta * (log pi - log pi_ref) of chosen and rejected, their margin, and the accuracy (margin > 0).
 """
 import argparse
+import math
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import checkpoint
 import data
 import lora
 import train
+from distributed import all_sum, barrier, print0, sync_grads
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -77,14 +78,15 @@ def reference(run, b, table):
 
 
 def dpo_step(run, micro, table=None):
-    """One optimiser step on the preference micro-batches; the loss is averaged over the step's pairs."""
-    n_pairs = train.all_sum(torch.tensor(float(sum(len(b["keys"]) for b in micro)), device=run.device))
-    stats = torch.zeros(5, device=run.device)  # loss, chosen reward, rejected reward, correct, pairs
+    """One optimiser step on the preference micro-batches; the loss is averaged over the step's pairs.
+    Returns device tensors (read at log time, as train.train_step's)."""
+    n_pairs = all_sum(torch.tensor(float(sum(len(b["keys"]) for b in micro)), device=run.device))
+    stats = torch.zeros(4, device=run.device)  # loss, chosen reward, rejected reward, correct
     for k, b in enumerate(micro):
         if train.empty(b, run.world):
             continue
         ref = reference(run, b, table)
-        with train.sync_grads(run.wrapped, k == len(micro) - 1), train.autocast(run.device):
+        with sync_grads(run.wrapped, k == len(micro) - 1), train.autocast(run.device):
             policy = logps(run.wrapped, b).float()
         B = len(policy) // 2
         ratio = policy - ref
@@ -92,11 +94,10 @@ def dpo_step(run, micro, table=None):
         losses = dpo_loss(h, run.args)
         (losses.sum() * run.world / n_pairs.clamp(min=1)).backward()
         r = run.args.beta * ratio.detach()
-        stats += torch.stack([losses.detach().sum(), r[:B].sum(), r[B:].sum(), (h > 0).float().sum(),
-                              torch.tensor(float(B), device=run.device)])
-    loss, chosen, rejected, correct, pairs = (train.all_sum(stats) / n_pairs.clamp(min=1)).tolist()
-    return {"loss": loss, "grad_norm": train.optimizer_step(run, torch.tensor(loss)), "reward_chosen": chosen,
-            "reward_rejected": rejected, "margin": chosen - rejected, "accuracy": correct, "pairs": int(n_pairs)}
+        stats += torch.stack([losses.detach().sum(), r[:B].sum(), r[B:].sum(), (h > 0).float().sum()])
+    loss, chosen, rejected, correct = all_sum(stats) / n_pairs.clamp(min=1)
+    return {"loss": loss, "grad_norm": train.optimizer_step(run, loss), "reward_chosen": chosen,
+            "reward_rejected": rejected, "margin": chosen - rejected, "accuracy": correct, "pairs": n_pairs}
 
 # -----------------------------------------------------------------------------
 # the reference, precomputed
@@ -114,28 +115,31 @@ def precompute(run, sources):
         cached = load_file(path)
         return {int(k): v for k, v in cached.items()}
     encoder = data.Encoder(run.m.tokenizer, run.m.config, run.args.max_len)
-    table = {}
+    spare = encoder({"turns": [("user", "hi")], "chosen": "a", "rejected": "b", "images": [], "where": "spare"})
+    table, B = {}, run.args.batch_size
     for si, (src, _) in enumerate(sources):
         out = torch.zeros(len(src), 3, device=run.device)  # chosen, rejected, usable
         mine = list(range(run.rank, len(src), run.world))
-        for start in range(0, len(mine), run.args.batch_size):
+        # the same number of forwards on every rank (FSDP2 all-gathers in each): the shares are padded, and a
+        # batch with no usable pair scores a spare one instead, thrown away
+        for start in range(0, math.ceil(len(src) / run.world / B) * B, B):
             samples, idx = [], []
-            for i in mine[start: start + run.args.batch_size]:
+            for i in mine[start: start + B]:
                 try:
                     samples.append(encoder(src.record(i)))
                     idx.append(i)
                 except data.BadSample:
                     pass  # counted when training meets it
-            if samples:
-                b = data.collate(samples, run.m.tokenizer.pad_id) | {"keys": idx}
-                ref = reference(run, b, None)
+            b = data.collate(samples or [spare], run.m.tokenizer.pad_id)
+            ref = reference(run, b | {"keys": idx}, None)
+            if idx:
                 out[idx] = torch.stack((ref[: len(idx)], ref[len(idx):], torch.ones_like(ref[: len(idx)])), 1)
-        out = train.all_sum(out)
+        out = all_sum(out)
         table[si] = torch.where(out[:, 2:] > 0, out[:, :2], torch.full_like(out[:, :2], float("nan"))).cpu()
     if run.rank == 0:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         save_file({str(k): v.contiguous() for k, v in table.items()}, path)
-    checkpoint.barrier()
+    barrier()
     return table
 
 
@@ -146,7 +150,7 @@ def main(argv=None):
     run = train.Run(train.finish_args(args), script="dpo.py")
     for src, _ in run.sources:
         if hasattr(src, "counts"):
-            train.print0(f"{src.name}: {dict(src.counts)}")
+            print0(f"{src.name}: {dict(src.counts)}")
     table = precompute(run, run.sources) if args.precompute_ref else None
     train.train(run, lambda run, micro: dpo_step(run, micro, table))
     run.close()

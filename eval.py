@@ -1,8 +1,17 @@
 """
-Score an xGen-MM checkpoint on the toy world's held-out test splits: what each training stage taught, measured.
+Score an xGen-MM checkpoint: on the toy world's held-out test splits (what each training stage taught,
+measured), or on the paper's public benchmarks in their official files (docs/evaluation.md).
 
-    python eval.py --checkpoint out/sft --data data/toy                     # a markdown table on stdout
+    python eval.py --checkpoint out/sft --data data/toy                     # the toy suite: a markdown table
     python eval.py --checkpoint out/pretrain --prompt plain --json out/pretrain/eval.json
+    python eval.py --summarize out/toy                                      # toy/run_toy.sh's stages x metrics
+    python eval.py run --checkpoint CKPT --task vqav2 --data QUESTIONS.json ANNOTATIONS.json --images val2014
+    python eval.py score --task vqa --predictions answers.json --references ANNOTATIONS.json
+
+`run` and `score` take --help of their own; evals/ holds the readers of the official files, the official
+metrics and the paper's prompts. The benchmarks (`run --task`): coco, nocaps, textcaps (CIDEr-D, BLEU-4);
+vqav2, okvqa, textvqa, vizwiz (VQA accuracy); pope (accuracy, precision, recall, F1, yes ratio); mmbench,
+seed, scienceqa, ai2d (multiple choice, circular for MMBench). The toy suite is below:
 
 Every answer is generated (greedy, batched, with the KV cache) from the same prompt a user would type, then
 scored by the plain functions of toy/tasks.py; nothing looks at the model's logits.
@@ -25,38 +34,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-import checkpoint
 import weights
-from images import Images, load_image
-from model import XGenMM
+from evals import cli
+from evals.run import answer, load_model
+from images import load_image
 from tokenizer import DEFAULT_SYSTEM
 from toy import tasks
 
 # -----------------------------------------------------------------------------
-# the evaluator: batched generation, scored by toy/tasks.py
-
-
-def answer_all(m, items, root, batch_size, device, progress=True):
-    """Fill item.answer for every item: batches of one prompt shape (same image count and answer length)."""
-    stop = m.stop_ids + [m.tokenizer.token_to_id("<|endofchunk|>")]
-    groups = {}
-    for it in items:
-        groups.setdefault((len(it.images), it.max_new), []).append(it)
-    bar = tqdm(total=len(items), desc="eval", unit="answer", disable=not progress, file=sys.stderr)
-    for (_, max_new), group in sorted(groups.items()):
-        encoded = sorted(((m.tokenizer.encode(it.prompt), it) for it in group), key=lambda p: len(p[0]))
-        for i in range(0, len(encoded), batch_size):
-            chunk = encoded[i:i + batch_size]
-            images = [[load_image(root / p) for p in it.images] for _, it in chunk]
-            pixels = Images.from_pil(images, m.config).to(device) if any(images) else None
-            out = m.generate([ids for ids, _ in chunk], pixels, max_new_tokens=max_new, stop_ids=stop)
-            for (_, it), row in zip(chunk, out.tolist()):
-                it.answer = m.tokenizer.decode(row, skip_special_tokens=True).strip()
-            bar.update(len(chunk))
-    bar.close()
+# the toy suite: batched generation (evals/run.py), scored by toy/tasks.py
 
 
 def evaluate(m, data, splits=tasks.SPLITS, style="chat", system=DEFAULT_SYSTEM, limit=None, batch_size=64,
@@ -64,7 +50,7 @@ def evaluate(m, data, splits=tasks.SPLITS, style="chat", system=DEFAULT_SYSTEM, 
     """metric -> value for the model on the toy world at `data` (the folder holding test/ and the images)."""
     items = [it for split in splits
              for it in tasks.items_for(split, tasks.load_split(data, split, limit), style, system)]
-    answer_all(m, items, Path(data), batch_size, device, progress)
+    answer(m, items, batch_size, device, open_image=lambda p: load_image(Path(data) / p), progress=progress)
     if predictions:
         with open(predictions, "w") as f:
             for it in items:
@@ -74,13 +60,26 @@ def evaluate(m, data, splits=tasks.SPLITS, style="chat", system=DEFAULT_SYSTEM, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+    """The toy suite; `run` and `score` as a first argument are the benchmark commands (evals/cli.py)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["score"]:
+        return cli.score_main(argv[1:])
+    if argv[:1] == ["run"]:
+        return cli.run_main(argv[1:], toy=toy_main)
+    return toy_main(argv)
+
+
+def toy_main(argv):
+    p = argparse.ArgumentParser(usage="%(prog)s [-h] --checkpoint CKPT [--data WORLD] [options]\n"
+                                "       %(prog)s run --checkpoint CKPT --task TASK --data PATH [...]   (--help)\n"
+                                "       %(prog)s score --task KIND --predictions P --references R   (--help)",
+                                description=__doc__.split("\n\n")[0].strip(),
                                 epilog="\n".join(__doc__.split("\n")[3:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="an xGen-MM checkpoint, or a run directory (its newest)")
     p.add_argument("--summarize", metavar="RUN", help="instead: collect RUN/eval/<stage>.json into RUN/results.json "
                    "and RUN/results.md (what toy/run_toy.sh prints at the end)")
-    p.add_argument("--suite", default="toy", choices=["toy"], help="the benchmark suite (default: toy)")
+    p.add_argument("--suite", default="toy", choices=["toy"], help="the toy suite (the public benchmarks: `eval.py run`)")
     p.add_argument("--data", default="data/toy", help="the toy world folder (holds test/, default: data/toy)")
     p.add_argument("--splits", nargs="+", default=list(tasks.SPLITS), choices=tasks.SPLITS, help="test splits to run")
     p.add_argument("--prompt", default="chat", choices=["chat", "plain"],
@@ -88,7 +87,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="first N records of each split")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's, as float32 on CPU)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: float32 on a CPU, bfloat16 on a GPU, whatever the checkpoint holds)")
     p.add_argument("--json", help="write {metrics, checkpoint, seconds, ...} here")
     p.add_argument("--predictions", help="write every prompt, answer and reference here (JSONL)")
     p.add_argument("--name", help="row name in the table (default: the checkpoint path)")
@@ -99,14 +99,10 @@ def main(argv=None):
         p.error("--checkpoint (or --summarize) is required")
 
     t0 = time.time()
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else None)
     try:
-        path = checkpoint.resolve(args.checkpoint)
-        m = XGenMM.from_pretrained(path, dtype=dtype, device=args.device).eval()
+        m, path = load_model(args.checkpoint, args.device, args.dtype)
     except weights.CheckpointError as e:
         p.exit(2, f"eval.py: error: {e}\n")
-    if m.tokenizer is None:
-        p.exit(2, f"eval.py: error: {path} has no tokenizer files\n")
     metrics = evaluate(m, args.data, args.splits, args.prompt, limit=args.limit, batch_size=args.batch_size,
                        device=args.device, predictions=args.predictions)
     seconds = round(time.time() - t0, 1)

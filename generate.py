@@ -137,16 +137,22 @@ def decode(lm, embeds, attention_mask, max_new_tokens, temperature=0.0, top_k=No
         max_len = min(-(-max_len // 256) * 256, cfg.max_position_embeddings)
     stop = torch.tensor(stop_ids if stop_ids is not None else cfg.eos_ids, dtype=torch.long, device=device)
     pad_id = cfg.pad_token_id if pad_id is None else pad_id
-    mask = attention_mask.to(device)
-    offset = check_left_padded(mask)
+    offset = check_left_padded(attention_mask.cpu())  # on the host, once: the loop below never waits on it
+    longrope_at = cfg.original_max_position_embeddings + int(offset.min()) if cfg.rope_scaling else None
+    offset = offset.to(device)
     valid = torch.ones(B, max_len, dtype=torch.bool, device=device)  # slots holding a row's own tokens
-    valid[:, :T] = mask.bool()
+    valid[:, :T] = attention_mask.to(device).bool()
+    slots = torch.arange(max_len, device=device)  # step i writes slot T + i: a view, no copy from the host
+    # a GPU step takes milliseconds, and asking "has every row stopped?" makes the host wait for the device:
+    # there it asks every 8 steps (the extra steps' tokens are hidden as padding and trimmed), on a CPU every step
+    every = 1 if device.type == "cpu" or callback is not None else 8
     setup_cache(lm, B, max_len, dtype=embeds.dtype, device=device)
-    step = torch.compile(decode_step, dynamic=False) if compile else decode_step
+    mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs: one launch per step
+    step = torch.compile(decode_step, mode=mode, dynamic=False) if compile else decode_step
     try:
-        prompt_pos = (torch.arange(T, device=device)[None] - offset[:, None]).clamp(min=0)
-        logits = lm(embeds=embeds, input_pos=torch.arange(T, device=device), attention_mask=valid,
-                    position_ids=prompt_pos, last_only=True)[:, -1]
+        prompt_pos = (slots[None, :T] - offset[:, None]).clamp(min=0)
+        logits = lm(embeds=embeds, input_pos=slots[:T], attention_mask=valid, position_ids=prompt_pos,
+                    last_only=True)[:, -1]
         fed, out, done = [], [], torch.zeros(B, dtype=torch.bool, device=device)
         for i in range(max_new_tokens):
             tok = sample(logits, temperature, top_k, top_p, generator)
@@ -155,20 +161,26 @@ def decode(lm, embeds, attention_mask, max_new_tokens, temperature=0.0, top_k=No
             if callback is not None:
                 callback(out[-1])
             done = done | torch.isin(tok, stop)
-            if bool(done.all()) or i == max_new_tokens - 1:
+            if i == max_new_tokens - 1 or ((i + 1) % every == 0 and bool(done.all())):
                 break
             pos = T + i
-            if cfg.rope_scaling and pos - int(offset.min()) == cfg.original_max_position_embeddings:
+            if pos == longrope_at:
                 # LongRoPE switches to its long factors here: recompute every cached key, as the reference does
                 seq = torch.cat([embeds, lm.model.embed_tokens(torch.stack(fed, 1))], 1)
-                slots = torch.arange(pos + 1, device=device)
-                logits = lm(embeds=seq, input_pos=slots, attention_mask=valid,
-                            position_ids=(slots[None] - offset[:, None]).clamp(min=0))[:, -1]
+                logits = lm(embeds=seq, input_pos=slots[:pos + 1], attention_mask=valid,
+                            position_ids=(slots[None, :pos + 1] - offset[:, None]).clamp(min=0))[:, -1]
             else:
-                logits = step(lm, tok[:, None], torch.tensor([pos], device=device), valid, offset)
-        return torch.stack(out, dim=1)
+                logits = step(lm, tok[:, None], slots[pos:pos + 1], valid, offset)
+        return trim(torch.stack(out, dim=1), torch.stack(fed, dim=1), stop)
     finally:
         clear_cache(lm)
+
+
+def trim(out, fed, stop):
+    """Drop the trailing steps in which every row had already stopped (on a GPU the loop asks only now and then)."""
+    stopped = torch.isin(fed, stop)
+    ends = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, fed.shape[1])  # each row's length
+    return out[:, :int(ends.max())]
 
 # -----------------------------------------------------------------------------
 # a CPU memory layout for batch-1 decoding

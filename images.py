@@ -159,6 +159,9 @@ class Images:
     def to(self, device, dtype=None):
         return replace(self, pixel_values=self.pixel_values.to(device, dtype, non_blocking=True))
 
+    def pin_memory(self):  # what DataLoader(pin_memory=True) calls on a batch's objects
+        return replace(self, pixel_values=self.pixel_values.pin_memory())
+
 # -----------------------------------------------------------------------------
 # after the ViT: the stitched crop features, unpadded and cut into the groups the resampler reads
 

@@ -132,11 +132,13 @@ def unmerge(model):
 
 def merged_state_dict(model, state, prefix=""):
     """`state` (a state dict of the model, keys under `prefix`) with each adapter folded into its weight and
-    the lora_A / lora_B entries removed: the plain model's layout, without touching the model."""
+    the lora_A / lora_B entries removed: the plain model's layout, without touching the model. Each merged
+    weight goes to the CPU as soon as it is made, so a GPU holds one extra weight at a time, not the LLM."""
     out = {k: v for k, v in state.items() if ".lora_" not in k}
-    for name, m in lora_modules(model):
-        w = m.weight if m.merged else m.weight + m.delta().to(m.weight.dtype)
-        out[f"{prefix}{name}.weight"] = w.detach()
+    with torch.no_grad():
+        for name, m in lora_modules(model):
+            w = m.weight if m.merged else m.weight + m.delta().to(m.weight.dtype)
+            out[f"{prefix}{name}.weight"] = w.cpu()
     return out
 
 

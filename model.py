@@ -11,8 +11,7 @@ xGen-MM (BLIP-3): a frozen SigLIP ViT, a Perceiver Resampler and Phi-3, with ima
   there are -100. Any number of images per sample, any number of crops per image.
 - The three tokens xGen-MM adds (`<image>`, `<image placeholder>`, `<|endofchunk|>`) have their own small
   embedding and output tables in the official checkpoint ("decoupled embeddings"); they are folded into
-  rows of the main tables on load (same results) and split out again on save.
-- Generation is generate.py's loop over the spliced embeddings (left padding, static KV cache).
+  rows of the main tables on load (same results) and split out again on save. Generation is generate.py's.
 
 References: xGen-MM / BLIP-3 (arXiv 2408.08872); salesforce/LAVIS branch xgen-mm and the Hub release
 Salesforce/xgen-mm-phi3-mini-instruct-r-v1.5 (modeling_xgenmm.py); LLaVA-NeXT any-resolution (unpad_image);
@@ -254,14 +253,13 @@ class XGenMM(nn.Module):
         is_image = input_ids == self.config.image_token_id
         for b, (have, want) in enumerate(zip(is_image.sum(1).tolist(), per_row)):
             if have != sum(want):
-                raise ValueError(f"sample {b}: {have} <image> position(s) but its {len(want)} image(s) have "
-                                 f"{sum(want)} vision tokens; expand each <image> with config.expand_images (as "
-                                 "data.py and XGenMM.encode_batch do)")
+                raise ValueError(f"sample {b}: {have} <image> positions for {sum(want)} vision tokens: expand each "
+                                 "<image> with config.expand_images (data.py and XGenMM.encode_batch do)")
         device = self.lang_model.lm_head.weight.device
-        input_ids = input_ids.to(device)
+        input_ids = input_ids.to(device, non_blocking=True)
         embeds = self.lang_model.model.embed_tokens(input_ids)
         if not tokens:
-            return embeds
+            return self.keep_in_graph(embeds)
         instructions = None
         if self.config.resampler.instruction_dim:
             instructions = [t for b, n in enumerate(per_row) for t in self.instructions(embeds[b], input_ids[b], n)]
@@ -275,11 +273,20 @@ class XGenMM(nn.Module):
         "sum" (a trainer that normalises over a whole step) or "sequence" (per row, for DPO).
         """
         embeds = self.embed(input_ids, images)
-        mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.to(embeds.device)
+        device = embeds.device
+        mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.to(device, non_blocking=True)
         if labels is not None:  # never a loss on a vision token, whatever the caller's labels say
-            labels = labels.masked_fill(input_ids.to(labels.device) == self.config.image_token_id, -100)
-            labels = labels.to(embeds.device)
+            is_image = (input_ids == self.config.image_token_id).to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True).masked_fill(is_image, -100)
         return self.lang_model(embeds=embeds, attention_mask=mask, labels=labels, reduction=reduction)
+
+    def keep_in_graph(self, embeds):
+        """A text-only batch gives the trainable vision path no gradient, but DDP and FSDP2 expect one for every
+        trainable parameter on every rank: they join the graph with a zero weight (x + 0.0 == x)."""
+        if not (self.training and torch.is_grad_enabled()):
+            return embeds
+        vision = [p.sum() for m in (self.vision_encoder, self.vision_tokenizer) for p in m.parameters() if p.requires_grad]
+        return embeds + 0.0 * torch.stack(vision).sum().to(embeds.dtype) if vision else embeds
 
     # ---- generation -------------------------------------------------------------
 
@@ -294,16 +301,14 @@ class XGenMM(nn.Module):
     def encode_batch(self, prompts, images=None, padding_side="right"):
         """Prompts (strings, or id lists with one `<image>` per image) and their images (an `Images`, or per
         prompt a list of PIL images) -> (expanded ids (B, T), attention_mask (B, T), Images or None)."""
-        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         if images is not None and not isinstance(images, Images):
             images = Images.from_pil(images, self.config)
-        sizes = iter(images.sizes if images is not None else [])
-        counts = images.counts if images is not None else [0] * len(prompts)
+        counts, sizes, rows = images.counts if images else [0] * len(prompts), iter(images.sizes if images else []), []
         if len(counts) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but images for {len(counts)}")
-        rows = []
-        for b, (ids, n) in enumerate(zip(prompts, counts)):
+        for b, (p, n) in enumerate(zip(prompts, counts)):
             try:
+                ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
                 rows.append(self.config.expand_images(ids, [next(sizes) for _ in range(n)]))
             except ValueError as e:
                 raise ValueError(f"sample {b}: {e}") from None

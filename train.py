@@ -37,13 +37,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint
 import data
 import lora
 import weights
+from distributed import all_sum, print0, sync_grads
+import distributed
 from model import PRESET_PARTS, STRATEGIES, XGenMM, XGenMMConfig
 
 STAGES = ("pretrain", "sft", "interleave", "safety")
@@ -105,7 +106,8 @@ def build_parser(description=__doc__, stages=STAGES):
     g.add_argument("--lora-alpha", type=float, default=128.0, help="LoRA alpha (scale alpha / r)")
     g.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
     g = p.add_argument_group("hardware")
-    g.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda (the default where there is one; under torchrun each rank takes cuda:LOCAL_RANK) or cpu")
     g.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of the weights, their gradients and AdamW's states (default float32: master weights "
                    "in fp32 even from the bf16 release, computing in bf16 under autocast on CUDA; checkpoints are "
@@ -117,6 +119,11 @@ def build_parser(description=__doc__, stages=STAGES):
                    help="recompute the LLM blocks' activations in the backward pass (less memory, ~30%% slower)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the LLM blocks")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
+    g.add_argument("--dist-timeout", type=float, default=60.0, metavar="MIN",
+                   help="minutes a rank waits in a collective (rank 0 alone writes the checkpoints: ~10 min at 4.4B)")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
+                   help="deterministic GPU kernels (slower), so a resumed run matches an uninterrupted one bit for "
+                   "bit on a GPU too; on a CPU it always does")
     g.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 peak for the MFU (H100 SXM: 989)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, default=10, help="a log line (and metrics.jsonl record) every N steps")
@@ -156,73 +163,23 @@ def fail(message, script="train.py"):
     raise SystemExit(2)
 
 # -----------------------------------------------------------------------------
-# distributed
-
-
-def setup_distributed(args):
-    """(rank, world, device). Under torchrun: one process per GPU (nccl) or per CPU slot (gloo)."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(args.device)
-    cuda = args.device.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def print0(*a, **kw):
-    if checkpoint.rank() == 0:
-        print(*a, **kw, flush=True)
-
-
-def all_sum(x):
-    if dist.is_initialized():
-        dist.all_reduce(x)
-    return x
-
-
-def wrap(m, args, device, world):
-    """DDP (default) or FSDP2 across ranks; the unwrapped model stays `m`."""
-    if args.grad_checkpointing:
-        m.lang_model.gradient_checkpointing = True
-    if args.compile:
-        for block in m.lang_model.model.layers:
-            block.compile()
-    if world == 1:
-        return m
-    if args.fsdp:
-        try:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        except ImportError:  # torch < 2.6 keeps FSDP2 under its first, private name
-            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-        # On CUDA the fp32 shards are gathered in bf16 (what autocast computes in; half the traffic) and the
-        # gradients reduced in fp32. On the CPU nothing runs in bf16, so the gathers stay in the weights' dtype.
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
-              else MixedPrecisionPolicy())
-        for block in m.lang_model.model.layers:
-            fully_shard(block, mp_policy=mp)
-        return fully_shard(m, mp_policy=mp)
-    from torch.nn.parallel import DistributedDataParallel
-    # text-only batches leave the resampler unused: DDP must not wait for its gradients then
-    return DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True)
-
-# -----------------------------------------------------------------------------
 # the model
 
 
-def load_model(args):
-    """The model to start from: --init (see --help), or a new model of --preset sized to the tokenizer."""
+def load_model(args, device):
+    """The model to start from: --init (see --help), or a new model of --preset sized to the tokenizer. Built or
+    loaded straight onto `device`, in --param-dtype: each rank holds one copy there and none on the host."""
+    dtype = getattr(torch, args.param_dtype)
     if args.init is None:
         tokenizer = args.tokenizer or data.dataset_tokenizer(args.data)
         if tokenizer is None:
             fail(f"a new model is sized to its tokenizer: pass --tokenizer (none ships with {args.data})")
-        m = XGenMM.from_tokenizer(tokenizer, args.preset, args.strategy or "anyres")
+        with torch.device(device):
+            m = XGenMM.from_tokenizer(tokenizer, args.preset, args.strategy or "anyres")
     elif len(args.init) == 2:
-        m = XGenMM.from_components(*args.init, strategy=args.strategy or "anyres")
+        m = XGenMM.from_components(*args.init, strategy=args.strategy or "anyres", dtype=dtype, device=device)
     else:
-        m = XGenMM.from_pretrained(checkpoint.resolve(args.init[0]))
+        m = XGenMM.from_pretrained(checkpoint.resolve(args.init[0]), dtype=dtype, device=device)
         if args.strategy:  # the strategy is two config fields: the weights serve every strategy
             switched = XGenMMConfig.from_strategy(args.strategy)
             m.config.image_aspect_ratio = switched.image_aspect_ratio
@@ -237,9 +194,12 @@ def load_model(args):
 
 
 def configure(m, args):
-    """Freeze what the run does not train (the ViT unless --train-vit; all but the adapters with --lora).
-    Returns a printable summary of the parameter counts."""
+    """Freeze what the run does not train (the ViT unless --train-vit; all but the adapters with --lora); set
+    gradient checkpointing and compile the LLM blocks when asked. Returns a summary of the parameter counts."""
     m.vision_encoder.requires_grad_(bool(args.train_vit))
+    m.lang_model.gradient_checkpointing = args.grad_checkpointing
+    for block in m.lang_model.model.layers if args.compile else ():
+        block.compile()
     if args.lora:
         lora.apply_lora(m.lang_model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
         lora.mark_only_lora_trainable(m)
@@ -259,7 +219,10 @@ def make_optimizer(m, args, device):
     decay = [p for n, p in params if p.dim() >= 2 and "latents" not in n]
     rest = [p for n, p in params if not (p.dim() >= 2 and "latents" not in n)]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    # fused: one kernel for every tensor (~14x faster than the per-tensor loop on a CPU), and it can skip a
+    # NaN/inf step on the device (found_inf); FSDP2's sharded parameters on a CPU take the per-tensor path
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                             fused=device.type == "cuda" or not distributed.sharded(m))
 
 
 def lr_at(step, args):
@@ -274,23 +237,25 @@ def lr_at(step, args):
 
 
 def train_step(run, micro):
-    """Forward/backward over the micro-batches, then one optimiser step unless the loss is not finite.
+    """Forward/backward over the micro-batches, then one optimiser step (skipped if the loss is not finite).
 
-    Returns {"loss": mean per supervised token, "grad_norm": None if skipped, "supervised_tokens"}.
+    Returns device tensors, read at log time: {"loss": mean per supervised token, "grad_norm": before
+    clipping, NaN if the step was skipped, "supervised_tokens"}.
     """
     wrapped, world, device = run.wrapped, run.world, run.device
-    n_sup = all_sum(torch.tensor(float(sum((b["labels"][:, 1:] != -100).sum() for b in micro)), device=device))
+    labels = [b["labels"].to(device, non_blocking=True) for b in micro]
+    n_sup = all_sum(sum((lab[:, 1:] != -100).sum() for lab in labels).float())  # over the whole step, all ranks
     scale = world / n_sup.clamp(min=1)  # DDP averages over ranks: x world makes it the global sum / n_sup
     total = torch.zeros((), device=device)
-    for k, b in enumerate(micro):
+    for k, (b, lab) in enumerate(zip(micro, labels)):
         if empty(b, world):
             continue
         with sync_grads(wrapped, k == len(micro) - 1), autocast(device):
-            loss_sum = wrapped(b["input_ids"], b["images"], b["attention_mask"], labels=b["labels"], reduction="sum")
+            loss_sum = wrapped(b["input_ids"], b["images"], b["attention_mask"], labels=lab, reduction="sum")
         (loss_sum * scale).backward()
         total += loss_sum.detach().float()
     loss = all_sum(total) / n_sup.clamp(min=1)
-    return {"loss": loss.item(), "grad_norm": optimizer_step(run, loss), "supervised_tokens": int(n_sup)}
+    return {"loss": loss, "grad_norm": optimizer_step(run, loss), "supervised_tokens": n_sup}
 
 
 def empty(batch, world):
@@ -302,23 +267,24 @@ def empty(batch, world):
     return True
 
 
-def sync_grads(wrapped, last):
-    """DDP reduces gradients only after the last micro-batch of a step (no_sync before it)."""
-    return nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
-
-
 def autocast(device):
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def optimizer_step(run, loss):
-    """Clip and step, or skip (return None) when the loss is NaN/inf; the gradients are cleared either way."""
-    norm = None
-    if torch.isfinite(loss):
-        norm = float(torch.nn.utils.clip_grad_norm_(run.params, run.args.clip if run.args.clip > 0 else float("inf")))
+    """Clip and step; a step whose loss or gradient norm is NaN/inf is skipped. The fused AdamW skips it
+    itself (`found_inf`), so the host never waits for the device here; other optimisers are checked on the
+    host. Returns the gradient norm before clipping, NaN for a skipped step."""
+    norm = torch.nn.utils.clip_grad_norm_(run.params, run.args.clip if run.args.clip > 0 else float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
+    skip = ~(torch.isfinite(loss) & torch.isfinite(norm))
+    if run.opt.defaults.get("fused") and not distributed.sharded(run.m):
+        run.opt.found_inf = skip.float()
+        run.opt.step()
+    elif not skip:
         run.opt.step()
     run.opt.zero_grad(set_to_none=True)
-    return norm
+    return torch.where(skip, float("nan"), norm.float())
 
 # -----------------------------------------------------------------------------
 # the run
@@ -329,46 +295,53 @@ class Run:
 
     def __init__(self, args, script="train.py"):
         self.args = args
-        self.rank, self.world, self.device = setup_distributed(args)
+        self.rank, self.world, self.device = distributed.setup(args.device, args.dist_timeout)
+        if args.deterministic:  # cuBLAS needs its workspace fixed for deterministic matrix products
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         self.run_dir = Path(args.out_dir)
         if not Path(args.data).exists():
             import toy
             if Path(args.data).is_relative_to(toy.WORLD):  # the default data of a first run, written once
                 if self.rank == 0:
                     toy.ensure_world(toy.WORLD)
-                checkpoint.barrier()
+                distributed.barrier()
         resume = checkpoint.newest(self.run_dir) if args.resume else None
         if args.resume and resume is None:
             print0(f"--resume: no checkpoint in {self.run_dir} yet, starting from the beginning")
         torch.manual_seed(args.seed)
+        dtype = getattr(torch, args.param_dtype)
         try:
             # the checkpoint holds the whole model, unless LoRA: then the base from --init, the adapters from it
-            m = XGenMM.from_pretrained(resume) if resume is not None and not args.lora else load_model(args)
+            whole = resume is not None and not args.lora
+            m = XGenMM.from_pretrained(resume, dtype, self.device) if whole else load_model(args, self.device)
             tok = m.tokenizer
             self.sources = data.open_sources(args.data, tok.id_to_token(tok.eos_id))
         except (weights.CheckpointError, data.DataError) as e:
             fail(str(e), script)
         print0(configure(m, args))
-        self.m = m.to(self.device, getattr(torch, args.param_dtype)).train()
-        self.wrapped = wrap(m, args, self.device, self.world)
+        self.m = m.to(self.device, dtype).train()
+        if resume is not None and args.lora:  # into the plain parameters, before FSDP2 shards them
+            lora.load_adapters(m, resume / "trainer" / "adapters.safetensors")
+        self.wrapped = distributed.wrap(m, self.device, self.world, args.fsdp)
         self.params = [p for p in m.parameters() if p.requires_grad]
         self.opt = make_optimizer(m, args, self.device)  # after wrapping: FSDP2 replaced the parameters
         self.trainer = {"step": 0, "nonfinite": 0, "seen": 0, "bad": {}}
         if resume is not None:
-            self.trainer = checkpoint.load(resume, m, self.wrapped, self.opt)
+            self.trainer = checkpoint.load(resume, self.wrapped, self.opt)
             print0(f"resumed from {resume} at step {self.trainer['step']}")
 
     def batches(self):
-        """The batches of this rank from the run's data position on, built by DataLoader workers."""
+        """The batches of this rank from the run's data position on, built by DataLoader workers (in pinned
+        memory on CUDA, so the copies to the GPU do not wait)."""
         args, tok = self.args, self.m.tokenizer
         mixture = data.Mixture(self.sources, data.Encoder(tok, self.m.config, args.max_len), args.batch_size,
                                tok.pad_id, seed=args.seed, rank=self.rank, world=self.world,
                                start_batch=self.trainer["step"] * args.grad_accum)
-        return iter(data.loader(mixture, num_workers=args.workers))
+        return iter(data.loader(mixture, num_workers=args.workers, pin_memory=self.device.type == "cuda"))
 
     def close(self):
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.close()
 
 
 def main(argv=None):
@@ -379,8 +352,9 @@ def main(argv=None):
 
 
 def train(run, step_fn):
-    """The loop: batches, `step_fn` per optimiser step, logging, checkpoints. step_fn(run, micro) -> metrics dict
-    with at least "loss" and "grad_norm" (None when the step was skipped for a NaN/inf loss)."""
+    """The loop: batches, `step_fn` per optimiser step, logging, checkpoints. step_fn(run, micro) -> a dict of
+    device tensors with at least "loss" and "grad_norm" (NaN when the step was skipped for a NaN/inf loss).
+    The host reads the device once per log line and checkpoint (Meter.flush), never in between."""
     args, state = run.args, run.trainer
     start, batches = state["step"], run.batches()
     tally = data.Tally(args.max_bad_fraction, seen=state["seen"], bad=state["bad"])
@@ -389,27 +363,27 @@ def train(run, step_fn):
         run.run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.keep_metrics(metrics, start)
     bar = tqdm(total=args.max_steps, initial=start, disable=run.rank != 0, desc=args.stage, dynamic_ncols=True)
-    t0, tokens = time.perf_counter(), 0
+    meter, t0 = Meter(run, state["nonfinite"]), time.perf_counter()
     for step in range(start, args.max_steps):
         for g in run.opt.param_groups:
             g["lr"] = lr_at(step, args)
         micro = [next(batches) for _ in range(args.grad_accum)]
-        count_bad(run, tally, micro)
-        rec = step_fn(run, micro)
-        state["nonfinite"] = 0 if rec["grad_norm"] is not None else state["nonfinite"] + 1
-        if state["nonfinite"] >= args.max_nonfinite:
-            raise SystemExit(f"train.py: {state['nonfinite']} steps in a row had a NaN/inf loss (last "
-                             f"{rec['loss']}); lower --lr or check the data")
-        tokens += int(all_sum(torch.tensor(sum(b["tokens"] for b in micro))))
-        state.update(step=step + 1, seen=tally.seen, bad=dict(tally.bad))
+        meter.add(micro, step_fn(run, micro))
         bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.4f}")
-        if run.rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.max_steps):
-            elapsed = time.perf_counter() - t0
-            log(bar, metrics, record(run, rec, step, tokens / elapsed, elapsed, tally),
-                eta=elapsed / (step + 1 - start) * (args.max_steps - step - 1))
-        stop = args.stop_after is not None and step + 1 - start >= args.stop_after
-        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or stop:
+        done, stop = step + 1 == args.max_steps, args.stop_after is not None and step + 1 - start >= args.stop_after
+        logged, saved = (step + 1) % args.log_every == 0 or done, (step + 1) % args.save_every == 0 or done or stop
+        if logged or saved:
+            rec = meter.flush(tally)  # the one wait for the device, and the bad-sample check
+            state.update(step=step + 1, seen=tally.seen, bad=dict(tally.bad), nonfinite=meter.streak)
+            if meter.worst >= args.max_nonfinite:
+                raise SystemExit(f"train.py: {meter.worst} steps in a row had a NaN/inf loss (last {rec['loss']}); "
+                                 "lower --lr or check the data")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if logged and run.rank == 0:
+                elapsed = time.perf_counter() - t0
+                log(bar, metrics, record(run, rec, step, meter.total_tokens / elapsed, elapsed, tally),
+                    eta=elapsed / (step + 1 - start) * (args.max_steps - step - 1))
+        if saved:
             checkpoint.save(run.run_dir, step + 1, run.m, run.wrapped, run.opt, state, args, args.keep)
         if stop:
             break
@@ -418,11 +392,42 @@ def train(run, step_fn):
     print0(f"done: {last if last else run.run_dir} (bad samples: {tally.report()})")
 
 
-def count_bad(run, tally, micro):
-    """Count the step's bad samples; the same totals on every rank, so every rank stops alike when too many."""
-    bad = sum((Counter(b["bad"]) for b in micro), Counter())
-    seen_bad = all_sum(torch.tensor([sum(b["samples"] for b in micro), sum(bad.values())]))
-    tally.update(int(seen_bad[0]), bad if run.world == 1 else {"bad (all ranks)": int(seen_bad[1])})
+class Meter:
+    """What the loop counts between two reads of the device: this rank's samples, bad samples and tokens (host
+    numbers, summed over ranks at each flush), the last step's metrics and the run of NaN/inf steps (device
+    tensors). `flush` reads them all back at once."""
+
+    INTS = ("supervised_tokens", "pairs")
+
+    def __init__(self, run, streak):
+        self.run, self.samples, self.bad, self.tokens, self.total_tokens = run, 0, Counter(), 0, 0
+        self._streak = torch.tensor(float(streak), device=run.device)  # NaN/inf steps in a row
+        self._worst = self._streak.clone()
+        self.streak = self.worst = streak
+        self.rec = None
+
+    def add(self, micro, rec):
+        self.samples += sum(b["samples"] for b in micro)
+        self.bad += sum((Counter(b["bad"]) for b in micro), Counter())
+        self.tokens += sum(b["tokens"] for b in micro)
+        self._streak = torch.where(torch.isnan(rec["grad_norm"]), self._streak + 1, 0.0)
+        self._worst = torch.maximum(self._worst, self._streak)
+        self.rec = rec
+
+    def flush(self, tally):
+        """Everything counted since the last flush, as numbers: sums over ranks go into `tally` (which stops the
+        run when too many samples were bad), the last step's record is returned."""
+        run, keys = self.run, list(self.rec)
+        counts = torch.tensor([self.samples, sum(self.bad.values()), self.tokens], dtype=torch.float64)
+        counts = all_sum(counts.to(run.device, non_blocking=True))
+        values = torch.cat([counts, torch.stack([self._streak, self._worst]).double(),
+                            torch.stack([torch.as_tensor(self.rec[k]).double() for k in keys])]).tolist()
+        (samples, bad, tokens, self.streak, self.worst), rest = map(int, values[:5]), values[5:]
+        tally.update(samples, self.bad if run.world == 1 else {"bad (all ranks)": bad})
+        self.total_tokens += tokens
+        self.samples, self.bad, self.tokens = 0, Counter(), 0
+        rec = {k: int(v) if k in self.INTS else v for k, v in zip(keys, rest)}
+        return rec | {"grad_norm": None if math.isnan(rec["grad_norm"]) else rec["grad_norm"]}
 
 
 def record(run, rec, step, tokens_per_s, elapsed, tally):

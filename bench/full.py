@@ -28,8 +28,8 @@ import torch
 
 import model
 import phi3
-from bench.common import (noise_photo, parse, peak_matmul_flops, peak_rss, photo_prompt, pooling_head_shapes, report,
-                          sync, timed, train_flops)
+from bench.common import (decode_bytes, noise_photo, parse, peak_matmul_flops, peak_rss, photo_prompt,
+                          pooling_head_shapes, read_bandwidth, report, sync, timed, train_flops)
 from bench.fsdp_memory import fsdp_memory, memory_flags
 from bench.full_cpu import full_cpu, param_bytes, weight_files
 
@@ -111,7 +111,7 @@ def decode_figures(m, args, device, batch, compile):
     """Prefill (PIL image + prompt -> first token) and steady decode step of `batch` identical rows."""
     prompt, img = photo_prompt(m, args.prompt_tokens), noise_photo()
     first, steps = stamped_generate(m, [prompt] * batch, [[img]] * batch, args.new_tokens, compile, device)
-    steady = steps[2:] if compile and len(steps) > 3 else steps  # the first compiled steps compile
+    steady = steps[len(steps) // 2:] if compile else steps  # the first compiled steps compile, record graphs
     positions = len(prompt) - 1 + m.config.image_tokens(img.size)
     return {"batch": batch, "positions": positions, "prefill_s": first, "prefill_tok_s": batch * positions / first,
             "step_s": statistics.median(steady), "decode_tok_s": batch / statistics.median(steady),
@@ -140,11 +140,11 @@ def train_step_run(m, args, device, peak, dtype):
     from types import SimpleNamespace
     import train
     a = SimpleNamespace(stage="sft", train_vit=False, lr=2e-5, weight_decay=0.0, clip=1.0, grad_checkpointing=True,
-                        compile=False, fsdp=False)
+                        compile=False, lora=False)
     m.to(device=device, dtype=dtype)
     train.configure(m, a)
-    wrapped = train.wrap(m.train(), a, device, 1)
-    s = SimpleNamespace(wrapped=wrapped, world=1, device=device, args=a, opt=train.make_optimizer(m, a, device),
+    m.train()
+    s = SimpleNamespace(m=m, wrapped=m, world=1, device=device, args=a, opt=train.make_optimizer(m, a, device),
                         params=[p for p in m.parameters() if p.requires_grad])
     B, img = args.train_batch, noise_photo()
     prompts = [photo_prompt(m, args.train_text, torch.Generator().manual_seed(b)) for b in range(B)]
@@ -173,8 +173,9 @@ def full_gpu(args):
     m = model.XGenMM.from_pretrained(args.checkpoint, dtype=dtype, device=device)
     sync(device)
     r["load"] = {"seconds": time.perf_counter() - t0, "bytes": param_bytes(m)}
+    r["bandwidth"], r["decode_bytes"] = read_bandwidth(device, dtype), decode_bytes(m.lang_model)  # the decode bound
     for batch in args.batches:
-        for comp in [False, True] if args.compile else [False]:
+        for comp in [False, True] if args.compile else [False]:  # compiled on CUDA: CUDA graphs
             r[f"decode_b{batch}" + "_compiled" * comp] = decode_figures(m, args, device, batch, comp)
     for param_dtype in (torch.bfloat16, torch.float32):  # bf16 fits one GPU; train.py's fp32 default may not
         r[f"train_{str(param_dtype).removeprefix('torch.')}"] = train_step_figures(m, args, device, peak, param_dtype)
@@ -192,8 +193,10 @@ def gpu_rows(r, gb=1e9):
         x, how = r[k], "compiled" if k.endswith("compiled") else "eager"
         rows.append(f"| batch {x['batch']}, {how}: prefill image + {r['prompt_tokens']} tokens ({x['positions']} "
                     f"positions) | {x['prefill_tok_s']:,.0f} tok/s ({x['prefill_s'] * 1e3:,.0f} ms) |")
+        bound = x["batch"] * r["bandwidth"] / r["decode_bytes"]  # every weight read once per step
         rows.append(f"| batch {x['batch']}, {how}: decode | {x['decode_tok_s']:,.1f} tok/s "
-                    f"({x['step_s'] * 1e3:.1f} ms/step) |")
+                    f"({x['step_s'] * 1e3:.1f} ms/step; {x['decode_tok_s'] / bound:.0%} of the "
+                    f"{bound:,.0f} tok/s bound at {r['bandwidth'] / gb:,.0f} GB/s) |")
     for k, name in (("train_bfloat16", "checkpoint's model"), ("train_float32", "checkpoint's model"),
                     ("train_small", "`small` preset")):
         x, what = r[k], f"training step, {name}, {r[k]['param_dtype']} weights"

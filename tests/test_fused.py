@@ -68,6 +68,35 @@ def test_bf16_gradients_stay_close_to_fp32():
     assert (wb.grad.float() - w.grad).abs().max() < 2e-3 * w.grad.abs().max() + 1e-4
 
 
+def test_under_autocast_the_head_is_cast_once_and_the_fp32_master_gets_fp32_gradients(monkeypatch):
+    """On a GPU the loss runs under bf16 autocast with fp32 master weights: the weight is cast once per call,
+    not once per chunk (autocast's cache does not see a slice of the head), every chunk's product is bf16, and
+    the gradients come back to the fp32 tensors. Checked here with the CPU's bf16 autocast."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(600, 32, requires_grad=True), (torch.randn(50, 32) * 0.1).requires_grad_(), \
+        torch.zeros(50, requires_grad=True)
+    t = torch.randint(0, 50, (600,))
+    real, seen = F.linear, []
+
+    def spy(x_, w_, b_=None):
+        seen.append((x_.dtype, w_.dtype, w_.data_ptr(), torch.is_autocast_enabled("cpu")))
+        return real(x_, w_, b_)
+    monkeypatch.setattr(F, "linear", spy)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = linear_cross_entropy(x, w, b, t, chunk=256)  # 3 chunks
+    monkeypatch.setattr(F, "linear", real)
+    loss.backward()
+    assert len(seen) == 3 and {d for s in seen for d in s[:2]} == {torch.bfloat16}
+    assert len({s[2] for s in seen}) == 1 and not any(s[3] for s in seen)  # one cast; no autocast inside
+    assert x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = b.grad = None
+    ref = plain(x.bfloat16().float(), w.bfloat16().float(), b, t, "mean")  # the same rounding of the inputs
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-2
+    assert (gw - w.grad).abs().max() < 2e-2 * w.grad.abs().max() and (gx - x.grad).abs().max() < 2e-2 * x.grad.abs().max()
+
+
 def test_phi3_fused_loss_equals_logits_loss():
     import phi3
     torch.manual_seed(0)

@@ -214,9 +214,10 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(world, tmp_path):
     assert [r["loss"] for r in log] == [r["loss"] for r in full]
 
 
-def test_nonfinite_steps_are_skipped_then_stop_the_run(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused: skipped on the device", "skipped on the host"])
+def test_nonfinite_steps_are_skipped_then_stop_the_run(world, tmp_path, monkeypatch, fused):
     lin = torch.nn.Linear(2, 1)
-    opt = torch.optim.AdamW(lin.parameters())
+    opt = torch.optim.AdamW(lin.parameters(), fused=fused)
     before = [p.detach().clone() for p in lin.parameters()]
 
     class Nan(torch.nn.Module):  # a model whose loss is NaN
@@ -225,12 +226,14 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(world, tmp_path, monkeypa
     batch = {"input_ids": torch.ones(1, 3, dtype=torch.long), "labels": torch.ones(1, 3, dtype=torch.long),
              "images": None, "attention_mask": None}
     args = train.build_parser().parse_args([])
-    s = SimpleNamespace(wrapped=Nan(), opt=opt, params=list(lin.parameters()), args=args, world=1,
+    s = SimpleNamespace(wrapped=Nan(), m=lin, opt=opt, params=list(lin.parameters()), args=args, world=1,
                         device=torch.device("cpu"))
     rec = train.train_step(s, [batch])
-    assert rec["grad_norm"] is None and rec["loss"] != rec["loss"]  # skipped, NaN reported
+    assert torch.isnan(rec["grad_norm"]) and torch.isnan(rec["loss"])  # skipped, NaN reported
     assert all(torch.equal(a, b) for a, b in zip(before, lin.parameters())) and lin.weight.grad is None
-    monkeypatch.setattr(train, "train_step", lambda s, micro: {"loss": float("nan"), "grad_norm": None})
+    assert all(int(st["step"]) == 0 for st in opt.state.values())  # a skipped step is not counted by AdamW
+    nan = torch.tensor(float("nan"))
+    monkeypatch.setattr(train, "train_step", lambda s, micro: {"loss": nan, "grad_norm": nan})
     with pytest.raises(SystemExit, match="3 steps in a row had a NaN/inf loss"):
         run(world, tmp_path / "nan", "--batch-size", "2", "--max-steps", "10", "--max-nonfinite", "3")
 
