@@ -252,7 +252,8 @@ class Mixture(torch.utils.data.IterableDataset):
         return collate(samples, self.pad_id) | {"batch_index": j, "bad": dict(bad), "sources": dict(used),
                                                 "where": where, "keys": keys,  # (source, item) of each sample
                                                 "samples": len(samples) + sum(bad.values()),
-                                                "tokens": sum(r["length"] for r in rows)}
+                                                "tokens": sum(r["length"] for r in rows),
+                                                "positions": len(rows) * max((r["length"] for r in rows), default=0)}
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

@@ -51,6 +51,8 @@ CHAT = (("Hello!", "Hello! How can I help you today?"), ("Thank you!", "You're w
         ("{} says hello.", "Hello to {} too!"))
 NAMES = ("Ana", "Ben", "Kim", "Leo", "Mia", "Sam", "Tom", "Zoe")
 VQA = ("colour", "count", "position", "existence")
+NAMES_OF = ("dax", "wug", "fep", "blick", "toma", "zorb", "kiki", "mip", "rilo", "gazz", "vop", "tulo")  # made-up
+NAME_QUESTION = "What is this called?"  # answered by a document's own colour -> made-up-name table
 CAPTION_PROMPTS = ("Describe the image.", "Describe the image in detail.", "What is in the picture?")
 
 # -----------------------------------------------------------------------------
@@ -354,6 +356,16 @@ class Sampler:
         q, a = self.pick(CHAT)
         name = self.pick(NAMES)
         return q.format(name), a.format(name)
+
+    def naming(self):
+        """A document's own table colour -> made-up name (4 distinct names of 12): nothing outside the document
+        says what a picture is called, so only its earlier pictures and answers can."""
+        return dict(zip(COLOURS, (NAMES_OF[k] for k in self.rng.permutation(len(NAMES_OF))[:len(COLOURS)].tolist())))
+
+    def named(self, table):
+        """(scene with one big shape, question, its name under `table`)."""
+        s = self.scene(n=1)
+        return s, NAME_QUESTION, table[s.objects[0].colour]
 
     def multi(self, task):
         """(scenes, first human turn with its <image> markers, answer) for a multi-image task."""

@@ -12,7 +12,8 @@ scenes (their own random stream, never the test's). Every scene is drawn twice w
 in colour and once as label maps, both through images.preprocess, so each view's labels sit under its pixels:
 
     each patch of each view       what: background, one of 12 (colour, shape), the hazard sign, one of 36
-                                  glyphs (A-Z, 0-9) -- whatever covers the most of it, if a quarter; size
+                                  glyphs (A-Z, 0-9) -- whatever covers the most of it, if a quarter; size;
+                                  where a shape sits in its cell (what a bounding box needs)
     latent i < 9 of a group       what patch i of the group shows (a one-crop-wide image's groups are its
                                   views: the global view's latents name its cells, a crop's its own)
     latent 9 of the global view   how many shapes
@@ -35,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from checkpoint import resolve
 from images import Images, group_features, preprocess
 from model import STRATEGIES, XGenMM
 from toy import scenes
@@ -43,6 +45,7 @@ CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 OBJECTS = len(scenes.SHAPES) * len(scenes.COLOURS)
 HAZARD, GLYPH = 1 + OBJECTS, 2 + OBJECTS  # what: 0 background, 1-12 (colour, shape), 13 hazard, 14-49 glyphs
 WHAT = GLYPH + len(CHARS)
+OFFSETS = 10  # 0: no shape, 1-9: where a shape sits in its cell
 CELLS, COUNT, MAX_SHAPES = 9, 9, 4  # latents 0-8: a group's patches; latent 9 of the global view: the count
 
 # -----------------------------------------------------------------------------
@@ -54,12 +57,20 @@ def what_of(o):
     return 1 + scenes.SHAPES.index(o.shape) * len(colours) + colours.index(o.colour)
 
 
+def offset_of(o):
+    """1 + where a shape sits in its cell (3 x 3 steps of one unit; a big shape fills its cell: 1): what a box
+    needs beyond the cell and the size."""
+    cell = scenes.POSITIONS.index(o.position)
+    return 1 + (o.box[0] - 7 * (cell % 3)) + 3 * (o.box[1] - 7 * (cell // 3))
+
+
 def label_map(scene):
-    """The scene's labels as an image: (what, size, 0) class ids as the R, G, B values of each pixel."""
+    """The scene's labels as an image: (what, size, offset) class ids as the R, G, B values of each pixel."""
     img = Image.new("RGB", (scene.width, scene.height), (0, 0, 0))
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
-        scenes.draw_shape(draw, o.shape, scene.pixels(o.box), (what_of(o), 1 + list(scenes.SIZES).index(o.size), 0))
+        labels = (what_of(o), 1 + list(scenes.SIZES).index(o.size), offset_of(o))
+        scenes.draw_shape(draw, o.shape, scene.pixels(o.box), labels)
     for ch, (x1, y1, x2, y2) in zip(scene.text, scene.glyph_boxes() if scene.text else []):
         draw.rectangle((round(x1), round(y1), round(x2) - 1, round(y2) - 1), fill=(GLYPH + CHARS.index(ch), 0, 0))
     if scene.hazard_box:
@@ -68,30 +79,32 @@ def label_map(scene):
 
 
 def patch_labels(label_img, config):
-    """(V, P, 2) long: per patch of each view (cut as images.preprocess cuts the image) the what and size of
-    whatever covers the most of it, if it covers a quarter."""
+    """(V, P, 3) long: per patch of each view (cut as images.preprocess cuts the image) the what, size and
+    offset of whatever covers the most of it, if it covers a quarter (-100: not asked)."""
     views, _, _ = preprocess(label_img, config, Image.Resampling.NEAREST, fill=(0, 0, 0))
     ids = ((views * 0.5 + 0.5) * 255).round().long()  # undo to_pixels' normalisation: exact for nearest
     p, g = config.vision.patch_size, config.vision.image_size // config.vision.patch_size
     ids = ids.view(len(ids), 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(len(ids), g * g, 3, p * p)
     out = []
-    for c, n in ((0, WHAT), (1, 3)):
+    for c, n in ((0, WHAT), (1, 3), (2, OFFSETS)):
         counts = F.one_hot(ids[:, :, c], n).sum(2)  # (V, P, n): pixels of each class
         counts[..., 0] = 0
         out.append(torch.where(counts.max(-1).values * 4 >= p * p, counts.argmax(-1), 0))
-    return torch.stack(out, -1)
+    out = torch.stack(out, -1)
+    out[1:, :, 2] = -100  # the offset is asked of the global view, whose patches are the cells, only
+    return out
 
 
 def group_labels(labels, size, grid, count, config):
-    """(groups, 10, 2) long: per resampler group of one image, what latent i < 9 names (the group's patch i; -100
+    """(groups, 10, 3) long: per resampler group of one image, what latent i < 9 names (the group's patch i; -100
     where it is not asked: the groups of a many-crops-wide grid are bands across crops, whose patches a
     latent cannot tell apart by position) and the shape count on latent 9 of the global view."""
     groups, _ = group_features(labels.float(), size, grid, config.anyres_patch_sampling)
-    out = torch.full((len(groups), CELLS + 1, 2), -100)
+    out = torch.full((len(groups), CELLS + 1, labels.shape[-1]), -100)
     for k, g in enumerate(groups):
         if k == 0 or grid[0] == 1:
             out[k, :CELLS] = g[:CELLS].long()
-    out[0, COUNT] = torch.tensor([count, -100])
+    out[0, COUNT, 0] = count
     return out
 
 
@@ -120,8 +133,9 @@ class Probe(nn.Module):
 
     def __init__(self, width, latent_width):
         super().__init__()
-        self.patch = nn.ModuleDict({"what": nn.Linear(width, WHAT), "size": nn.Linear(width, 3)})
-        self.cell = nn.ModuleDict({"what": nn.Linear(latent_width, WHAT), "size": nn.Linear(latent_width, 3)})
+        heads = {"what": WHAT, "size": 3, "offset": OFFSETS}  # in the order of the label channels
+        self.patch = nn.ModuleDict({k: nn.Linear(width, n) for k, n in heads.items()})
+        self.cell = nn.ModuleDict({k: nn.Linear(latent_width, n) for k, n in heads.items()})
         self.count = nn.Linear(latent_width, MAX_SHAPES + 1)
 
     def forward(self, feats, latents, b):
@@ -146,8 +160,8 @@ def accuracy(name, guess, target):
     """Accuracies where something is there (-100: not asked): size; colour and shape of the objects; glyphs."""
     def mean(hit, where):
         return hit[where].float().mean().item() if where.any() else float("nan")
-    if name == "size":
-        return {"size": mean(guess == target, target > 0)}
+    if name in ("size", "offset"):
+        return {name: mean(guess == target, target > 0)}
     obj, glyph = (target >= 1) & (target <= OBJECTS), target >= GLYPH
     colour, shape = (lambda w: (w - 1) % len(scenes.COLOURS)), (lambda w: (w - 1) // len(scenes.COLOURS))
     return {"colour": mean(colour(guess) == colour(target), obj), "shape": mean(shape(guess) == shape(target), obj),
@@ -196,7 +210,7 @@ def held_out(m, probe, seed, n=96):
 def probe_checkpoint(path, seed=0, steps=300):
     """Fresh linear heads on a checkpoint's frozen features (ViT patches, resampler latents), trained briefly:
     what its vision path carries at this stage (run_toy.sh calls it after every stage)."""
-    m = XGenMM.from_pretrained(path).eval().requires_grad_(False)
+    m = XGenMM.from_pretrained(resolve(path)).eval().requires_grad_(False)
     probe = Probe(m.config.vision.hidden_size, m.config.text.hidden_size)
     train(m, probe, list(probe.parameters()), steps, 3e-3, 16, 0.5, seed + 1)
     return held_out(m, probe, seed)
@@ -219,7 +233,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     if args.probe:
-        acc = probe_checkpoint(args.probe, args.seed)
+        acc = probe_checkpoint(args.probe, args.seed, args.steps)
         print(json.dumps({k: round(v, 4) for k, v in acc.items()}))
         if args.json:
             Path(args.json).write_text(json.dumps(acc, indent=1) + "\n")
