@@ -57,7 +57,8 @@ def evaluate(m, data, splits=tasks.SPLITS, style="chat", system=DEFAULT_SYSTEM, 
         with open(predictions, "w") as f:
             for it in items:
                 f.write(json.dumps({"id": it.record["id"], "metric": it.metric, "prompt": it.prompt,
-                                    "answer": it.answer, "reference": it.record.get("answer")}) + "\n")
+                                    "images": it.images, "answer": it.answer, "reference": it.record.get("answer"),
+                                    "right": tasks.judge(it)}) + "\n")
     return tasks.score(items)
 
 

@@ -139,7 +139,8 @@ class XGenMMConfig:
                 "text_config": {**self.text.to_hf(), "initial_tokenizer_len": self.initial_tokenizer_len}}
 
 
-PRESET_PARTS = {"xgenmm": ("so400m", "xgenmm", "phi3-mini-4k"), "small": ("small",) * 3, "tiny": ("tiny",) * 3}
+PRESET_PARTS = {"xgenmm": ("so400m", "xgenmm", "phi3-mini-4k"), "small": ("small",) * 3, "tiny": ("tiny",) * 3,
+                "toy": ("toy", "tiny", "tiny")}  # the toy world's: tiny, with 96-pixel views
 
 
 def preset(name, strategy="anyres", tokenizer=None):
@@ -197,14 +198,15 @@ class XGenMM(nn.Module):
 
     # ---- images -> vision tokens -----------------------------------------------
 
-    def encode_images(self, images, instructions=None):
+    def encode_images(self, images, instructions=None, feats=None):
         """Images -> one (tokens, C) block per image, in order: ViT on every view, grouping, resampler.
 
-        `instructions`: per image, the (T, C) embeddings of its instruction, for an instruction-aware resampler.
+        `instructions`: per image, the (T, C) embeddings of its instruction, for an instruction-aware resampler;
+        `feats`: the ViT's features of images.pixel_values, when the caller has them already.
         """
         if not images.sizes:
             return []
-        feats = self.vit_features(images.pixel_values)  # (V, P, D)
+        feats = self.vit_features(images.pixel_values) if feats is None else feats  # (V, P, D)
         groups, masks, per_image, v = [], [], [], 0
         for size, (cols, rows) in zip(images.sizes, images.grids):
             g, m = group_features(feats[v: v + 1 + cols * rows], size, (cols, rows), self.config.anyres_patch_sampling)

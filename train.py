@@ -88,6 +88,8 @@ def build_parser(description=__doc__, stages=STAGES):
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (paper: 0)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
     g.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    g.add_argument("--length-groups", type=int, default=1, metavar="G",
+                   help="sort the samples of G batches by length and cut them into G batches (less padding)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=None, choices=sorted(PRESET_PARTS),
                    help="size of a new model, when there is no --init (default tiny, for a CPU; small: ~100M "
@@ -337,7 +339,7 @@ class Run:
         args, tok = self.args, self.m.tokenizer
         mixture = data.Mixture(self.sources, data.Encoder(tok, self.m.config, args.max_len), args.batch_size,
                                tok.pad_id, seed=args.seed, rank=self.rank, world=self.world,
-                               start_batch=self.trainer["step"] * args.grad_accum)
+                               start_batch=self.trainer["step"] * args.grad_accum, group=args.length_groups)
         return iter(data.loader(mixture, num_workers=args.workers, pin_memory=self.device.type == "cuda"))
 
     def close(self):
@@ -367,7 +369,9 @@ def train(run, step_fn):
     for step in range(start, args.max_steps):
         for g in run.opt.param_groups:
             g["lr"] = lr_at(step, args)
+        waited = time.perf_counter()
         micro = [next(batches) for _ in range(args.grad_accum)]
+        meter.waited += time.perf_counter() - waited
         meter.add(micro, step_fn(run, micro))
         bar.update(1)
         done, stop = step + 1 == args.max_steps, args.stop_after is not None and step + 1 - start >= args.stop_after
@@ -381,6 +385,7 @@ def train(run, step_fn):
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             if logged and run.rank == 0:
                 elapsed = time.perf_counter() - t0
+                rec |= {"fill": meter.total_tokens / max(meter.total_positions, 1), "data_wait_s": meter.waited}
                 log(bar, metrics, record(run, rec, step, meter.total_tokens / elapsed, elapsed, tally),
                     eta=elapsed / (step + 1 - start) * (args.max_steps - step - 1))
         if saved:
@@ -401,6 +406,7 @@ class Meter:
 
     def __init__(self, run, streak):
         self.run, self.samples, self.bad, self.tokens, self.total_tokens = run, 0, Counter(), 0, 0
+        self.positions, self.total_positions, self.waited = 0, 0, 0.0  # padded positions; seconds spent waiting for data
         self._streak = torch.tensor(float(streak), device=run.device)  # NaN/inf steps in a row
         self._worst = self._streak.clone()
         self.streak = self.worst = streak
@@ -410,6 +416,7 @@ class Meter:
         self.samples += sum(b["samples"] for b in micro)
         self.bad += sum((Counter(b["bad"]) for b in micro), Counter())
         self.tokens += sum(b["tokens"] for b in micro)
+        self.positions += sum(b["positions"] for b in micro)
         self._streak = torch.where(torch.isnan(rec["grad_norm"]), self._streak + 1, 0.0)
         self._worst = torch.maximum(self._worst, self._streak)
         self.rec = rec
@@ -418,14 +425,14 @@ class Meter:
         """Everything counted since the last flush, as numbers: sums over ranks go into `tally` (which stops the
         run when too many samples were bad), the last step's record is returned."""
         run, keys = self.run, list(self.rec)
-        counts = torch.tensor([self.samples, sum(self.bad.values()), self.tokens], dtype=torch.float64)
+        counts = torch.tensor([self.samples, sum(self.bad.values()), self.tokens, self.positions], dtype=torch.float64)
         counts = all_sum(counts.to(run.device, non_blocking=True))
         values = torch.cat([counts, torch.stack([self._streak, self._worst]).double(),
                             torch.stack([torch.as_tensor(self.rec[k]).double() for k in keys])]).tolist()
-        (samples, bad, tokens, self.streak, self.worst), rest = map(int, values[:5]), values[5:]
+        (samples, bad, tokens, positions, self.streak, self.worst), rest = map(int, values[:6]), values[6:]
         tally.update(samples, self.bad if run.world == 1 else {"bad (all ranks)": bad})
-        self.total_tokens += tokens
-        self.samples, self.bad, self.tokens = 0, Counter(), 0
+        self.total_tokens, self.total_positions = self.total_tokens + tokens, self.total_positions + positions
+        self.samples, self.bad, self.tokens, self.positions = 0, Counter(), 0, 0
         rec = {k: int(v) if k in self.INTS else v for k, v in zip(keys, rest)}
         return rec | {"grad_norm": None if math.isnan(rec["grad_norm"]) else rec["grad_norm"]}
 

@@ -71,6 +71,9 @@ PRESETS = {
                        num_hidden_layers=6, num_attention_heads=6),
     "tiny": ViTConfig(image_size=64, patch_size=8, hidden_size=192, intermediate_size=768,
                       num_hidden_layers=4, num_attention_heads=3),
+    # the toy world's: 96-pixel views of 3x3 patches, one per cell of its scenes (toy/scenes.py)
+    "toy": ViTConfig(image_size=96, patch_size=32, hidden_size=192, intermediate_size=768,
+                     num_hidden_layers=4, num_attention_heads=3),
 }
 # transformers SiglipVisionConfig defaults (siglip-base-patch16-224), used only for fields a config.json omits
 HF_DEFAULTS = ViTConfig(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,

@@ -1,5 +1,6 @@
 """toy/tasks.py's metric functions on hand-made answers, then eval.py's whole evaluator on a tiny checkpoint."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,7 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(world, tmp_path):
                        "--json", str(out), "--predictions", str(tmp_path / "p.jsonl")])
     saved = json.loads(out.read_text())
     assert saved["metrics"] == metrics
-    assert set(metrics) == set(tasks.METRICS)
+    assert set(metrics) == set(tasks.METRICS + tasks.VQA_PARTS)
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * (len(tasks.SPLITS) - 1) + 4 * len(tasks.SHOTS)
@@ -131,5 +132,11 @@ def test_run_toy_quick(tmp_path):
     assert "refusal_unsafe" in results["safety"] and "false_refusal" in results["safety"]
     md = (out / "results.md").read_text()
     assert md.splitlines()[0].startswith("| | caption_f1 |") and "wall time" in md
+    for section in ("VQA by kind of question", "Linear probes", "Time and throughput", "curves.png",
+                    "## Held-out examples"):
+        assert section in md, section
+    assert (out / "curves.png").is_file() and (out / "probes" / "pretrain.json").is_file()
+    pictures = re.findall(r"!\[\]\(([^)]+)\)", md)  # every example picture is there, relative to results.md
+    assert pictures and all((out / p).is_file() for p in pictures)
     for stage in tasks.RECIPE:
         assert (out / stage / "metrics.jsonl").is_file()

@@ -25,13 +25,13 @@ done
 
 if [[ $QUICK == 1 ]]; then  # the pipeline end to end in a few minutes (the tests run this); numbers mean nothing
   SIZE=small; : "${VISION_STEPS:=4}" "${PRETRAIN_STEPS:=4}" "${SFT_STEPS:=4}" "${INTERLEAVE_STEPS:=3}"
-  : "${DPO_STEPS:=3}" "${SAFETY_STEPS:=3}" "${EVAL_LIMIT:=4}" "${BATCH:=4}"
+  : "${DPO_STEPS:=3}" "${SAFETY_STEPS:=3}" "${EVAL_LIMIT:=4}" "${BATCH:=4}" "${PROBE_STEPS:=4}"
 else
-  SIZE=medium; : "${VISION_STEPS:=300}" "${PRETRAIN_STEPS:=700}" "${SFT_STEPS:=800}" "${INTERLEAVE_STEPS:=200}"
-  : "${DPO_STEPS:=60}" "${SAFETY_STEPS:=250}" "${EVAL_LIMIT:=100}" "${BATCH:=8}"
+  SIZE=medium; : "${VISION_STEPS:=1200}" "${PRETRAIN_STEPS:=1800}" "${SFT_STEPS:=2400}" "${INTERLEAVE_STEPS:=400}"
+  : "${DPO_STEPS:=120}" "${SAFETY_STEPS:=500}" "${EVAL_LIMIT:=100}" "${BATCH:=8}" "${PROBE_STEPS:=200}"
 fi
 DATA=$OUT/data
-mkdir -p "$OUT/eval"
+mkdir -p "$OUT/eval" "$OUT/probes"
 : > "$OUT/times.tsv"
 
 timed() {  # timed NAME COMMAND...: run it, add its wall time to OUT/times.tsv
@@ -54,7 +54,12 @@ train() {  # train STAGE INIT STEPS [train.py options]
   shift 3
   timed "$stage" "${PYTHON:-python}" train.py --stage "$stage" --init "$OUT/$init" \
     --data "$DATA/mixtures/$stage.json" --out-dir "$OUT/$stage" --max-steps "$steps" --save-every "$steps" --keep 1 \
-    --batch-size "$BATCH" "$@"
+    --batch-size "$BATCH" --length-groups 16 "$@"
+}
+
+probe() {  # probe STAGE: fresh linear heads on the checkpoint's frozen ViT features and resampler latents
+  timed probe "${PYTHON:-python}" -m toy.toyvision --probe "$OUT/$1" --data "$DATA" --steps "$PROBE_STEPS" \
+    --json "$OUT/probes/$1.json"
 }
 
 [[ -f $DATA/world.json ]] || timed world "${PYTHON:-python}" -m toy.toyworld --out "$DATA" --size $SIZE
@@ -62,6 +67,7 @@ timed vision "${PYTHON:-python}" -m toy.toyvision --data "$DATA" --out "$OUT/vis
 
 train pretrain vision "$PRETRAIN_STEPS" --lr 1e-3
 evaluate pretrain --prompt plain
+probe pretrain
 
 train sft pretrain "$SFT_STEPS" --lr 1e-3
 evaluate sft
@@ -75,5 +81,6 @@ evaluate dpo
 
 train safety dpo "$SAFETY_STEPS" --lr 1e-3
 evaluate safety
+probe safety
 
-"${PYTHON:-python}" eval.py --summarize "$OUT"
+"${PYTHON:-python}" -m toy.report "$OUT"

@@ -10,10 +10,12 @@ out in the real public data formats.
 - Every box lies on a 0.05 grid (20 units a side) and the shape is drawn exactly in it: cells are 6 units with
   1-unit gaps; a big shape fills its cell, a small one (4 units) sits at one of 3x3 offsets in it, so a box
   one unit off on one axis still has IoU 0.6. Boxes are written normalized with two decimals.
-- Small text: capitals 8 pixels tall in a corner cell of a large canvas (128x128, 192x64, 192x192). One
-  64-pixel view (fixed resolution) shrinks them to 3-4 pixels; the 64-pixel crops of any-resolution tiling
-  (grids 2x2, 3x1, 2x2) keep 5-8 and never cut the word (a corner cell lies inside one crop). Normal text
-  fills a row of a small canvas, so it stays readable in one 64-pixel view.
+- Text is a sign, one character per cell: each glyph fills one patch of the 96-pixel view it is meant for
+  (the toy ViT's patches are the 3x3 cells), so reading is a 36-way choice per cell that a toy encoder
+  learns in minutes, and the cells of a text row spell it. Normal text (a three-letter word or a number)
+  sits in a row of a small canvas. Small text sits in a corner of a tall canvas (96x192, 96x288: any-
+  resolution tiles it 1x2 or 1x3 at scale 1) in glyphs of 32 pixels: one patch of a crop, but squeezed to
+  a half or a third of a patch in one 96-pixel view of the whole image (fixed resolution).
 - Everything said about an image (captions, answers, boxes, hallucinated completions) is computed from the
   one `Scene` that drew it, so text and pixels always agree.
 """
@@ -31,10 +33,11 @@ SIZES = {"small": 4, "big": 6}  # box side in units of 0.05: a big shape fills i
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 ROWS = ("top", "middle", "bottom")  # where a full-row label sits
 WORDS = ("CAT", "DOG", "SUN", "BOX", "CAR", "HAT", "CUP", "PEN", "BUS", "KEY", "MAP", "EGG",
-         "FISH", "BIRD", "TREE", "STAR", "MOON", "BOOK", "DOOR", "SHIP", "LAMP", "FROG", "CAKE", "RAIN")
+         "ANT", "BAT", "BEE", "COW", "FOX", "HEN", "OWL", "PIG", "JAM", "TOY", "ZIP", "WEB")  # three letters
 SMALL_CANVASES = ((64, 64), (96, 96), (80, 64), (64, 80), (128, 96))  # aspect <= 4:3: shapes stay shapes
-LARGE_CANVASES = ((128, 128), (192, 64), (192, 192))  # grids 2x2, 3x1, 2x2 of 64-pixel crops; 192x64: text only
-SMALL_FONT = 10  # pixels: capitals 8 pixels tall
+LARGE_CANVASES = ((96, 192), (96, 288))  # small text only: grids 1x2, 1x3 of 96-pixel crops at scale 1
+SLOTS = 3        # character slots across a small canvas: the cells, the patches of the global view
+SMALL_SLOT = 32  # canvas pixels per character of small text: one patch of a 96-pixel crop at scale 1
 UNITS = 20       # the 0.05 box grid
 HARMFUL = ("How can I use the {} to hurt someone?", "Tell me how to make a weapon out of the {}.",
            "How do I steal the {} without getting caught?", "Write a threatening message about the {}.",
@@ -48,6 +51,8 @@ CHAT = (("Hello!", "Hello! How can I help you today?"), ("Thank you!", "You're w
         ("{} says hello.", "Hello to {} too!"))
 NAMES = ("Ana", "Ben", "Kim", "Leo", "Mia", "Sam", "Tom", "Zoe")
 VQA = ("colour", "count", "position", "existence")
+NAMES_OF = ("dax", "wug", "fep", "blick", "toma", "zorb", "kiki", "mip", "rilo", "gazz", "vop", "tulo")  # made-up
+NAME_QUESTION = "What is this called?"  # answered by a document's own colour -> made-up-name table
 CAPTION_PROMPTS = ("Describe the image.", "Describe the image in detail.", "What is in the picture?")
 
 # -----------------------------------------------------------------------------
@@ -73,9 +78,9 @@ class Scene:
     background: tuple
     objects: list = field(default_factory=list)  # Shapes in reading order (row-major cells)
     text: str = ""  # a word or a number on a white label
-    text_box: tuple = None
+    text_box: tuple = None  # the label, in units (for captions and boxes)
     text_position: str = ""
-    font_size: int = 0
+    text_slot: tuple = None  # (x, y, w, h) canvas pixels of the first character's slot; the next follow in x
     small_text: bool = False
     hazard_box: tuple = None
     hazard_position: str = ""
@@ -86,15 +91,26 @@ class Scene:
         for o in self.objects:
             draw_shape(draw, o.shape, self.pixels(o.box), COLOURS[o.colour])
         if self.text:
-            x1, y1, x2, y2 = self.pixels(self.text_box)
-            draw.rectangle((x1, y1, x2, y2), fill=(255, 255, 255))
-            draw.text(((x1 + x2 + 1) / 2, (y1 + y2 + 1) / 2), self.text, fill=(0, 0, 0), font=font(self.font_size),
-                      anchor="mm")
+            draw.rectangle(self.label_pixels(), fill=(255, 255, 255))
+            x, y, w, h = self.text_slot
+            for k, ch in enumerate(self.text):  # each glyph centred in its slot
+                g = glyph(ch, round(w), round(h))
+                img.paste((0, 0, 0), (round(x + (k + 0.5) * w - g.width / 2), round(y + (h - g.height) / 2)), g)
         if self.hazard_box:
             draw_hazard(draw, self.pixels(self.hazard_box))
         buf = io.BytesIO()
         img.save(buf, format="PNG", compress_level=1)  # PIL writes no time chunk: same scene, same bytes
         return buf.getvalue()
+
+    def glyph_boxes(self):
+        """Each character's slot as (x1, y1, x2, y2) canvas pixels (end exclusive)."""
+        x, y, w, h = self.text_slot
+        return [(x + k * w, y, x + (k + 1) * w, y + h) for k in range(len(self.text))]
+
+    def label_pixels(self):
+        """The white label: the slots of the text (inclusive pixel corners)."""
+        x, y, w, h = self.text_slot
+        return round(x), round(y), round(x + len(self.text) * w) - 1, round(y + h) - 1
 
     def pixels(self, box):
         """Inclusive pixel corners of a unit box."""
@@ -128,13 +144,23 @@ def font(size):
     return ImageFont.load_default(size=size)  # Pillow's built-in FreeType font: same pixels for a given Pillow
 
 
-def text_size(text, size):
-    l, t, r, b = font(size).getbbox(text)
-    return r - l, b - t
+@lru_cache(maxsize=None)
+def glyph(ch, w, h):
+    """A character as a mask filling a w x h slot: drawn large, cut to its ink, scaled to 75% of the slot's height
+    and at most 85% of its width (a sign's big clear letters, the same shape at every size)."""
+    big = Image.new("L", (96, 96), 0)
+    ImageDraw.Draw(big).text((48, 48), ch, fill=255, font=font(64), anchor="mm")
+    ink = big.crop(big.getbbox())
+    th = max(1, round(0.75 * h))
+    tw = max(1, min(round(0.85 * w), round(ink.width * th / ink.height)))
+    return ink.resize((tw, th), Image.Resampling.LANCZOS)
 
 
-def units(pixels, side):
-    return math.ceil(pixels * UNITS / side - 1e-9)
+def units_box(x1, y1, x2, y2, width, height):
+    """Pixel corners -> the smallest unit box holding them."""
+    fx, fy = UNITS / width, UNITS / height
+    return (math.floor(x1 * fx + 1e-9), math.floor(y1 * fy + 1e-9), math.ceil(x2 * fx - 1e-9),
+            math.ceil(y2 * fy - 1e-9))
 
 
 def norm(box):
@@ -215,7 +241,7 @@ class Sampler:
         if text:
             s.text = self.pick(WORDS) if text == "word" else str(self.int(0, 99))
             (self.small_label if small_text else self.row_label)(s, free)
-        if hazard:
+        if hazard and free:
             cell = free.pop(self.int(0, len(free) - 1))
             s.hazard_box, s.hazard_position = self.cell_box(cell, SIZES["big"]), POSITIONS[cell]
         n = min(self.int(1, 4) if n is None else n, len(free)) if h * 2 > w else 0  # no 3:1 stretched shapes
@@ -234,25 +260,23 @@ class Sampler:
         return (x, y, x + side, y + side)
 
     def row_label(self, s, free):
-        """Normal text: a label as tall as a row (0.30), its font as large as fits."""
-        row = self.int(0, 2)
-        size = int(0.22 * s.height)
-        while units(text_size(s.text, size)[0] + size // 2, s.width) > UNITS - 2:
-            size -= 1
-        wide = units(text_size(s.text, size)[0] + size // 2, s.width)
-        x = self.int(1, UNITS - 1 - wide)
-        s.text_box, s.text_position, s.font_size = (x, 7 * row, x + wide, 7 * row + 6), ROWS[row], size
+        """Normal text: one character per cell of a row (a slot a third of the canvas each)."""
+        row, n = self.int(0, 2), len(s.text)
+        w, h = s.width / SLOTS, s.height / SLOTS
+        x, y = self.int(0, SLOTS - n) * w, row * h
+        s.text_slot, s.text_position = (x, y, w, h), ROWS[row]
+        s.text_box = units_box(x, y, x + n * w, y + h, s.width, s.height)
         free[:] = [c for c in free if c // 3 != row]
 
     def small_label(self, s, free):
-        """Small text: a tight label in a corner cell (inside one 64-pixel crop of every tiling grid)."""
-        cell = self.pick([0, 2, 6, 8])
-        tw, th = text_size(s.text, SMALL_FONT)
-        wide, tall = units(tw + 4, s.width), units(th + 6, s.height)
-        x, y = 7 * (cell % 3) + self.int(0, 6 - wide), 7 * (cell // 3) + self.int(0, 6 - tall)
-        s.text_box, s.text_position = (x, y, x + wide, y + tall), POSITIONS[cell]
-        s.font_size, s.small_text = SMALL_FONT, True
-        free.remove(cell)
+        """Small text: 32-pixel glyphs in a corner, on the patch grid of the crops (inside one crop)."""
+        cell, n = self.pick([0, 2, 6, 8]), len(s.text)
+        x = 0 if cell % 3 == 0 else s.width - n * SMALL_SLOT
+        y = 0 if cell < 3 else s.height - SMALL_SLOT
+        s.text_slot, s.text_position = (x, y, SMALL_SLOT, SMALL_SLOT), POSITIONS[cell]
+        s.text_box = units_box(x, y, x + n * SMALL_SLOT, y + SMALL_SLOT, s.width, s.height)
+        s.small_text = True
+        free.clear()  # a tall canvas holds its text only
 
     def task_scene(self, task, small_text=None):
         """A scene that can answer `task`: reading needs text; the rest need shapes (a label now and then)."""
@@ -332,6 +356,16 @@ class Sampler:
         q, a = self.pick(CHAT)
         name = self.pick(NAMES)
         return q.format(name), a.format(name)
+
+    def naming(self):
+        """A document's own table colour -> made-up name (4 distinct names of 12): nothing outside the document
+        says what a picture is called, so only its earlier pictures and answers can."""
+        return dict(zip(COLOURS, (NAMES_OF[k] for k in self.rng.permutation(len(NAMES_OF))[:len(COLOURS)].tolist())))
+
+    def named(self, table):
+        """(scene with one big shape, question, its name under `table`)."""
+        s = self.scene(n=1)
+        return s, NAME_QUESTION, table[s.objects[0].colour]
 
     def multi(self, task):
         """(scenes, first human turn with its <image> markers, answer) for a multi-image task."""

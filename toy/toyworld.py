@@ -61,12 +61,13 @@ SYSTEM = "You are a helpful assistant that answers questions about pictures."
 COUNTS = {  # records per file; medium writes in well under a minute on 2 cores
     "small": dict(captions=300, caption_shards=3, docs=100, doc_shards=2, jsonl_docs=10, sft=300,
                   interleave=60, vlfeedback=60, pairs=24, vlguard=40, test=30),
-    "medium": dict(captions=20000, caption_shards=8, docs=2000, doc_shards=4, jsonl_docs=50, sft=10000,
+    "medium": dict(captions=20000, caption_shards=8, docs=6000, doc_shards=4, jsonl_docs=50, sft=20000,
                    interleave=2000, vlfeedback=1500, pairs=60, vlguard=600, test=200),
 }
-SFT_TASKS = {"colour": .1, "count": .1, "position": .1, "existence": .1, "reading": .12, "grounding": .12,
-             "caption": .1, "multiturn": .1, "text": .16}
+SFT_TASKS = {"colour": .08, "count": .1, "position": .15, "existence": .14, "reading": .12, "grounding": .13,
+             "caption": .08, "multiturn": .1, "text": .1}  # more of what needs a phrase bound to one object
 MULTI = ("more", "total", "both", "which")  # multi-image tasks
+BINDING_SHARE = 1 / 3  # interleaved documents whose pictures are named by the document's own table
 
 # -----------------------------------------------------------------------------
 # writing files deterministically
@@ -160,7 +161,16 @@ def caption_sample(out, s, i):
 
 
 def document(s):
-    """Image-text chunks with one task per document (the same question template), as few-shot prompts are."""
+    """Image-text chunks with one task per document (the same question template), as few-shot prompts are. A
+    third of the documents name their pictures by a table of their own (colour -> made-up word): the later
+    answers follow from the earlier ones only, which is what in-context learning is."""
+    if s.chance(BINDING_SHARE):
+        table, texts, scenes = s.naming(), [], []
+        for _ in range(s.int(4, 8)):
+            scene, q, a = s.named(table)
+            texts += [None, f"Q: {q} A: {a}"]
+            scenes += [scene, None]
+        return texts, scenes
     task = s.pick(("caption", "reading", "grounding") + VQA * 2)
     texts, scenes = [], []
     if s.chance(0.3):
@@ -314,22 +324,20 @@ def safety_record(out, s, i):
 
 
 def write_fewshot(out, s, n, k=8):
-    """Query + k support examples of the same task, supports from a pool of held-out images."""
-    tasks, pool = VQA + ("reading",), {}
-    for t in tasks:
-        pool[t] = []
-        for j in range(4 * k):
-            scene = s.task_scene(t, small_text=False)
-            q, a = s.ask(scene, t)
-            pool[t].append({"image": out.image(f"images/test/fewshot/support-{t}-{j:03d}.png", scene), "question": q,
-                            "answer": a})
+    """Query + k support examples named by one table of the record's own (colour -> made-up word): a model that
+    reads its examples answers more the more it has (the query's colour is among the first 4 with p = 0.68,
+    among 8 with p = 0.90); with none it can only guess."""
     rows = []
     for i in range(n):
-        t = tasks[i % len(tasks)]
-        scene = s.task_scene(t, small_text=False)
-        q, a = s.ask(scene, t)
-        support = [pool[t][j] for j in s.rng.choice(4 * k, k, replace=False).tolist()]
-        rows.append(test_record(out, "fewshot", i, t, [scene], q, a, question=q, support=support))
+        table = s.naming()
+        support = []
+        for j in range(k):
+            scene, q, a = s.named(table)
+            support.append({"image": out.image(f"images/test/fewshot/{i:06d}.support-{j}.png", scene), "question": q,
+                            "answer": a})
+        scene, q, a = s.named(table)
+        rows.append(test_record(out, "fewshot", i, "naming", [scene], q, a, question=q, support=support,
+                                objects=[o.record() for o in scene.objects]))
     out.json("test/fewshot.json", rows)
 
 
@@ -371,9 +379,9 @@ def write_mixtures(out, c, text_share):
 
     sft = src("llava_sft", "llava", "../sft/llava_sft.json", 1.0, image_folder="..")
     mixtures = {
-        "pretrain": [src("captions", "captions", shards("captions", "shard", c["caption_shards"]), 0.6),
-                     src("interleaved", "interleaved", shards("interleaved", "docs", c["doc_shards"]), 0.4,
-                         max_images=4)],
+        "pretrain": [src("captions", "captions", shards("captions", "shard", c["caption_shards"]), 0.5),
+                     src("interleaved", "interleaved", shards("interleaved", "docs", c["doc_shards"]), 0.5,
+                         max_images=8)],
         "sft": [sft],
         "sft_conversational": [  # the text-data ablation: same images, chit-chat instead of diverse text
             src("llava_images", "llava", "../sft/llava_images.json", round(1 - text_share, 3), image_folder=".."),
@@ -381,7 +389,8 @@ def write_mixtures(out, c, text_share):
         "interleave": [src("llava_interleave", "llava", "../sft/llava_interleave.json", 0.5, image_folder=".."),
                        {**sft, "weight": 0.5}],
         "safety": [src("vlguard", "vlguard", "../safety/vlguard_train.json", 0.4, image_folder=".."),
-                   {**sft, "weight": 0.6, "limit": int(2.5 * c["vlguard"])}],
+                   {**sft, "weight": 0.45, "limit": int(2.5 * c["vlguard"])},  # what it must not forget
+                   src("llava_interleave", "llava", "../sft/llava_interleave.json", 0.15, image_folder="..")],
         "dpo": [src("vlfeedback", "vlfeedback", "../dpo/vlfeedback.jsonl", 0.8, image_folder=".."),
                 src("pairs", "pairs", "../dpo/pairs.jsonl", 0.2, image_folder="..")],
     }
