@@ -31,7 +31,7 @@ for arg in "$@"; do
 done
 [[ ${#NAMES[@]} -gt 0 ]] || NAMES=(resolution instruction text scale)
 if [[ $QUICK == 1 ]]; then : "${ABLATION_STEPS:=3}" "${PRETRAIN_STEPS:=4}" "${EVAL_LIMIT:=4}" "${BATCH:=4}"
-else : "${ABLATION_STEPS:=200}" "${PRETRAIN_STEPS:=700}" "${EVAL_LIMIT:=100}" "${BATCH:=8}"; fi
+else : "${ABLATION_STEPS:=800}" "${PRETRAIN_STEPS:=1800}" "${EVAL_LIMIT:=100}" "${BATCH:=8}"; fi
 for need in "$RUN/pretrain" "$RUN/vision/config.json" "$RUN/data/world.json"; do
   [[ -e $need ]] || { echo "ablations.sh: $need not found: run \`bash toy/run_toy.sh $RUN\` first" >&2; exit 2; }
 done
@@ -44,7 +44,7 @@ sft() {  # sft VARIANT MIXTURE [train.py options]: SFT from RUN/pretrain, then e
   [[ -d $OUT/$name ]] && ls "$OUT/$name"/ckpt-* >/dev/null 2>&1 || \
     "${PYTHON:-python}" train.py --stage sft --init "$RUN/pretrain" --data "$DATA/mixtures/$mixture.json" \
       --out-dir "$OUT/$name" --max-steps "$ABLATION_STEPS" --save-every "$ABLATION_STEPS" --keep 1 \
-      --batch-size "$BATCH" --lr 1e-3 "$@"
+      --batch-size "$BATCH" --length-groups 16 --lr 1e-3 "$@"
   "${PYTHON:-python}" eval.py --checkpoint "$OUT/$name" --data "$DATA" --limit "$EVAL_LIMIT" --name "$name" \
     --splits vqa ocr ocr_small grounding arithmetic --json "$OUT/eval/$name.json" > /dev/null
 }
@@ -84,7 +84,8 @@ for name in "${NAMES[@]}"; do
         [[ $frac == 1 ]] && ckpt=$RUN/pretrain  # toy/run_toy.sh's own pretraining is the full size
         [[ -d $ckpt ]] && ls "$ckpt"/ckpt-* >/dev/null 2>&1 || \
           "${PYTHON:-python}" train.py --stage pretrain --init "$RUN/vision" --data "$DATA/mixtures/pretrain.json" \
-            --out-dir "$ckpt" --max-steps "$steps" --save-every "$steps" --keep 1 --batch-size "$BATCH" --lr 1e-3
+            --out-dir "$ckpt" --max-steps "$steps" --save-every "$steps" --keep 1 --batch-size "$BATCH" \
+            --length-groups 16 --lr 1e-3
         "${PYTHON:-python}" eval.py --checkpoint "$ckpt" --data "$DATA" --limit "$EVAL_LIMIT" --name "$v" \
           --prompt plain --splits captions vqa ocr grounding fewshot --json "$OUT/eval/$v.json" > /dev/null
       done

@@ -5,9 +5,10 @@
 #
 # toy world -> toy vision encoder (stands in for SigLIP's pretraining) -> pretraining (captions + interleaved
 # documents) -> SFT (LLaVA-style instructions) -> interleaved multi-image SFT -> DPO (LoRA, VLFeedback) ->
-# safety tuning (LoRA, VLGuard), with eval.py after every stage. The commands are the ones a user runs at
-# scale, with toy-sized steps. Prints, and writes to OUT_DIR, the table of stages x metrics: results.md and
-# results.json ({stage: {metric: fraction}}); each stage's run directory keeps its metrics.jsonl.
+# safety tuning (LoRA, VLGuard), with eval.py after every stage and linear probes of the vision features after
+# pretraining and at the end. The commands are the ones a user runs at scale, with toy-sized steps. Prints,
+# and writes to OUT_DIR, results.md (the tables, probes, time per stage, curves.png, held-out examples with
+# every stage's answers; toy/report.py) and results.json ({stage: {metric: fraction}}).
 # Step counts can be overridden from the environment, e.g. PRETRAIN_STEPS=600 bash toy/run_toy.sh; PYTHON
 # picks the interpreter (default: python). Paths are relative to the repository root (the folder above toy/).
 set -euo pipefail
@@ -17,7 +18,7 @@ OUT=out/toy QUICK=0
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,12p' toy/run_toy.sh | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' toy/run_toy.sh | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "run_toy.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
     *) OUT=$arg ;;
   esac

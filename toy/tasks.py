@@ -9,7 +9,8 @@ Metrics (fractions in [0, 1]), one per test split:
                   written; the hazard sign) against the facts of the reference caption, parsed by the same code
   vqa, counting   exact match after normalisation (case, punctuation, articles); vqa_colour, vqa_count,
                   vqa_position, vqa_existence: vqa by kind of question (a quarter of the split each)
-  ocr, ocr_small  exact match on reading a word or a number; ocr_small: 8-pixel text on a large canvas
+  ocr, ocr_small  exact match on reading a word or a number; ocr_small: 32-pixel glyphs on a tall canvas,
+                  a patch of an any-resolution crop but under half a patch tall in one fixed-resolution view
   grounding       the first box in the answer has IoU >= 0.5 with the true box
   multi_image     exact match on questions about 2-3 images
   hallucination   captions that name at least one (colour, shape) that is not in the image
