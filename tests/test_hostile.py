@@ -626,3 +626,13 @@ def test_eval_refuses_a_broken_test_image_in_one_line(world, tiny_ckpt, tmp_path
     image.write_bytes(png()[:70])
     one_line_exit_2(capsys, ev.main, ["--checkpoint", str(tiny_ckpt), "--data", str(tmp_path), "--splits", "vqa"],
                     "eval.py: error:", "cannot decode the image")
+
+
+def test_eval_test_images_stay_inside_the_world_folder(world, tiny_ckpt, tmp_path, capsys):
+    """A test split naming ../outside.png (a readable image, one folder up) is refused, not read."""
+    records = json.loads((world / "test" / "vqa.json").read_text())[:1]
+    (tmp_path / "w" / "test").mkdir(parents=True)
+    (tmp_path / "outside.png").write_bytes(png())
+    (tmp_path / "w" / "test" / "vqa.json").write_text(json.dumps([dict(records[0], image="../outside.png")]))
+    one_line_exit_2(capsys, ev.main, ["--checkpoint", str(tiny_ckpt), "--data", str(tmp_path / "w"), "--splits",
+                                      "vqa"], "eval.py: error:", "leaves the image folder")
