@@ -209,9 +209,10 @@ class Mixture(torch.utils.data.IterableDataset):
 
     Length grouping (`group` = G > 1): the samples of G consecutive batches are sorted by length and cut into
     G batches of similar lengths, handed out in an order shuffled by (seed, group). A batch then wastes little
-    on padding (the toy's pretraining mixture: 57% of a padded batch is real tokens without it, ~90% with G =
+    on padding (the toy's pretraining mixture: 57% of a padded batch is real tokens without it, 94% with G =
     16), and every batch index still maps to the same samples, so resuming stays exact. A worker encodes the
-    whole group of a batch it builds once, and keeps it for its next batches of the group.
+    whole group of a batch it builds once and keeps it for its next batches of the group; so with n workers
+    each group is encoded n times (the toy's loader still waits only 1-2% of a run's time).
     """
 
     def __init__(self, sources, encoder, batch_size, pad_id, seed=0, rank=0, world=1, start_batch=0, strict=False,

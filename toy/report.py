@@ -123,7 +123,7 @@ def examples(run, data_rel, stages):
             for s in stages:
                 q = preds[s].get(key)
                 if q:
-                    mark = {True: "right", False: "wrong"}.get(q["right"], f"F1 {q['right']}")
+                    mark = {True: "right", False: "wrong"}.get(q["right"], f"F1 {q['right']:.2f}")
                     out.append(f"- {s}: `{q['answer'].strip()[:140]}` ({mark})")
             out.append("")
     return "\n".join(out)
