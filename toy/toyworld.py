@@ -64,8 +64,8 @@ COUNTS = {  # records per file; medium writes in well under a minute on 2 cores
     "medium": dict(captions=20000, caption_shards=8, docs=6000, doc_shards=4, jsonl_docs=50, sft=20000,
                    interleave=2000, vlfeedback=1500, pairs=60, vlguard=600, test=200),
 }
-SFT_TASKS = {"colour": .08, "count": .1, "position": .15, "existence": .14, "reading": .12, "grounding": .13,
-             "caption": .08, "multiturn": .1, "text": .1}  # more of what needs a phrase bound to one object
+SFT_TASKS = {"colour": .1, "count": .1, "position": .1, "existence": .1, "reading": .12, "grounding": .12,
+             "caption": .1, "multiturn": .1, "text": .16}  # even: more position/existence questions cost reading
 MULTI = ("more", "total", "both", "which")  # multi-image tasks
 BINDING_SHARE = 1 / 3  # interleaved documents whose pictures are named by the document's own table
 
