@@ -12,8 +12,9 @@
 # scale        pretraining for 1/4, 1/2 and all of toy/run_toy.sh's pretraining steps from RUN/vision (tokens
 #              seen: the toy's "data scale"), scored with plain prompts after pretraining
 #
-# Every SFT variant starts from the same pretrained checkpoint and runs the same steps (ABLATION_STEPS); the
-# plain any-resolution run is shared by the first three. Writes RUN/ablations/<variant>/ and prints (and
+# Every SFT variant starts from the same pretrained checkpoint and runs the same steps (ABLATION_STEPS, by
+# default toy/run_toy.sh's SFT steps); the plain any-resolution run, shared by the first three, is RUN/sft
+# itself when it has a checkpoint of that many steps (the same command, so the same weights). Writes RUN/ablations/<variant>/ and prints (and
 # saves as RUN/ablations/ablations.md) one table per ablation. PYTHON picks the interpreter (default: python);
 # paths are relative to the repository root (the folder above toy/).
 set -euo pipefail
@@ -31,7 +32,7 @@ for arg in "$@"; do
 done
 [[ ${#NAMES[@]} -gt 0 ]] || NAMES=(resolution instruction text scale)
 if [[ $QUICK == 1 ]]; then : "${ABLATION_STEPS:=3}" "${PRETRAIN_STEPS:=4}" "${EVAL_LIMIT:=4}" "${BATCH:=4}"
-else : "${ABLATION_STEPS:=800}" "${PRETRAIN_STEPS:=1800}" "${EVAL_LIMIT:=100}" "${BATCH:=8}"; fi
+else : "${ABLATION_STEPS:=2400}" "${PRETRAIN_STEPS:=1800}" "${EVAL_LIMIT:=100}" "${BATCH:=8}"; fi
 for need in "$RUN/pretrain" "$RUN/vision/config.json" "$RUN/data/world.json"; do
   [[ -e $need ]] || { echo "ablations.sh: $need not found: run \`bash toy/run_toy.sh $RUN\` first" >&2; exit 2; }
 done
@@ -39,13 +40,15 @@ DATA=$RUN/data OUT=$RUN/ablations
 mkdir -p "$OUT"
 
 sft() {  # sft VARIANT MIXTURE [train.py options]: SFT from RUN/pretrain, then eval.py on the reading/VQA splits
-  local name=$1 mixture=$2
+  local name=$1 mixture=$2 ckpt=$OUT/$1
   shift 2
-  [[ -d $OUT/$name ]] && ls "$OUT/$name"/ckpt-* >/dev/null 2>&1 || \
+  # toy/run_toy.sh's own SFT is the plain variant when it ran as many steps
+  [[ $name == anyres && -d $RUN/sft/ckpt-$(printf %07d "$ABLATION_STEPS") ]] && ckpt=$RUN/sft
+  [[ -d $ckpt ]] && ls "$ckpt"/ckpt-* >/dev/null 2>&1 || \
     "${PYTHON:-python}" train.py --stage sft --init "$RUN/pretrain" --data "$DATA/mixtures/$mixture.json" \
-      --out-dir "$OUT/$name" --max-steps "$ABLATION_STEPS" --save-every "$ABLATION_STEPS" --keep 1 \
+      --out-dir "$ckpt" --max-steps "$ABLATION_STEPS" --save-every "$ABLATION_STEPS" --keep 1 \
       --batch-size "$BATCH" --length-groups 16 --lr 1e-3 "$@"
-  "${PYTHON:-python}" eval.py --checkpoint "$OUT/$name" --data "$DATA" --limit "$EVAL_LIMIT" --name "$name" \
+  "${PYTHON:-python}" eval.py --checkpoint "$ckpt" --data "$DATA" --limit "$EVAL_LIMIT" --name "$name" \
     --splits vqa ocr ocr_small grounding arithmetic --json "$OUT/eval/$name.json" > /dev/null
 }
 
