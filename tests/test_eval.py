@@ -113,8 +113,9 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(world, tmp_path):
 
 @pytest.mark.slow
 def test_run_toy_quick(tmp_path):
-    """The one-command recipe end to end at toy-of-toy size: every stage trains, is evaluated and tabulated.
-    Slow (2-3 minutes) and it checks only that the pieces fit together (each stage's own behaviour has its
+    """The one-command recipe end to end at toy-of-toy size: every stage trains, is evaluated and tabulated;
+    then the resolution ablation on its checkpoints.
+    Slow (3-4 minutes) and it checks only that the pieces fit together (each stage's own behaviour has its
     own tests): `python -m pytest -m slow tests/test_eval.py`."""
     import os
     import subprocess
@@ -140,3 +141,12 @@ def test_run_toy_quick(tmp_path):
     assert pictures and all((out / p).is_file() for p in pictures)
     for stage in tasks.RECIPE:
         assert (out / stage / "metrics.jsonl").is_file()
+    # the resolution ablation at the recipe's SFT steps: its plain variant is the recipe's own SFT, not a rerun
+    r = subprocess.run(["bash", "toy/ablations.sh", str(out), "resolution", "--quick"], cwd=Path(__file__).parents[1],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert not (out / "ablations" / "anyres").exists() and (out / "ablations" / "fixed").is_dir()
+    table = (out / "ablations" / "ablations.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines()[-3:]] == ["anyres", "anyres-fixed", "fixed"]
+    sft = json.loads((out / "ablations" / "eval" / "anyres.json").read_text())["metrics"]
+    assert sft["vqa"] == results["sft"]["vqa"]  # the same checkpoint, the same questions

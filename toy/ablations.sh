@@ -31,7 +31,7 @@ for arg in "$@"; do
   esac
 done
 [[ ${#NAMES[@]} -gt 0 ]] || NAMES=(resolution instruction text scale)
-if [[ $QUICK == 1 ]]; then : "${ABLATION_STEPS:=3}" "${PRETRAIN_STEPS:=4}" "${EVAL_LIMIT:=4}" "${BATCH:=4}"
+if [[ $QUICK == 1 ]]; then : "${ABLATION_STEPS:=4}" "${PRETRAIN_STEPS:=4}" "${EVAL_LIMIT:=4}" "${BATCH:=4}"
 else : "${ABLATION_STEPS:=2400}" "${PRETRAIN_STEPS:=1800}" "${EVAL_LIMIT:=100}" "${BATCH:=8}"; fi
 for need in "$RUN/pretrain" "$RUN/vision/config.json" "$RUN/data/world.json"; do
   [[ -e $need ]] || { echo "ablations.sh: $need not found: run \`bash toy/run_toy.sh $RUN\` first" >&2; exit 2; }
