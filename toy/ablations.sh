@@ -13,10 +13,10 @@
 #              seen: the toy's "data scale"), scored with plain prompts after pretraining
 #
 # Every SFT variant starts from the same pretrained checkpoint and runs the same steps (ABLATION_STEPS, by
-# default toy/run_toy.sh's SFT steps); the plain any-resolution run, shared by the first three, is RUN/sft
-# itself when it has a checkpoint of that many steps (the same command, so the same weights). Writes RUN/ablations/<variant>/ and prints (and
-# saves as RUN/ablations/ablations.md) one table per ablation. PYTHON picks the interpreter (default: python);
-# paths are relative to the repository root (the folder above toy/).
+# default toy/run_toy.sh's SFT steps; both read toy/recipe.sh); the plain any-resolution run, shared by the
+# first three, is RUN/sft itself when it has a checkpoint of that many steps (the same command, so the same
+# weights). Writes RUN/ablations/<variant>/ and prints (and saves as RUN/ablations/ablations.md) one table
+# per ablation. PYTHON picks the interpreter (default: python); paths are relative to the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the repository root
 
@@ -24,15 +24,15 @@ RUN=out/toy QUICK=0 NAMES=()
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,18p' toy/ablations.sh | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' toy/ablations.sh | sed 's/^# \{0,1\}//'; exit 0 ;;
     resolution|instruction|text|scale) NAMES+=("$arg") ;;
     -*) echo "ablations.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
     *) RUN=$arg ;;
   esac
 done
 [[ ${#NAMES[@]} -gt 0 ]] || NAMES=(resolution instruction text scale)
-if [[ $QUICK == 1 ]]; then : "${ABLATION_STEPS:=4}" "${PRETRAIN_STEPS:=4}" "${EVAL_LIMIT:=4}" "${BATCH:=4}"
-else : "${ABLATION_STEPS:=2400}" "${PRETRAIN_STEPS:=1800}" "${EVAL_LIMIT:=100}" "${BATCH:=8}"; fi
+source toy/recipe.sh  # toy/run_toy.sh's steps, batch and learning rates
+: "${ABLATION_STEPS:=$SFT_STEPS}"
 for need in "$RUN/pretrain" "$RUN/vision/config.json" "$RUN/data/world.json"; do
   [[ -e $need ]] || { echo "ablations.sh: $need not found: run \`bash toy/run_toy.sh $RUN\` first" >&2; exit 2; }
 done
@@ -47,7 +47,7 @@ sft() {  # sft VARIANT MIXTURE [train.py options]: SFT from RUN/pretrain, then e
   [[ -d $ckpt ]] && ls "$ckpt"/ckpt-* >/dev/null 2>&1 || \
     "${PYTHON:-python}" train.py --stage sft --init "$RUN/pretrain" --data "$DATA/mixtures/$mixture.json" \
       --out-dir "$ckpt" --max-steps "$ABLATION_STEPS" --save-every "$ABLATION_STEPS" --keep 1 \
-      --batch-size "$BATCH" --length-groups 16 --lr 3e-4 "$@"
+      --batch-size "$BATCH" --length-groups 16 --lr "$SFT_LR" "$@"
   "${PYTHON:-python}" eval.py --checkpoint "$ckpt" --data "$DATA" --limit "$EVAL_LIMIT" --name "$name" \
     --splits vqa ocr ocr_small grounding arithmetic --json "$OUT/eval/$name.json" > /dev/null
 }
@@ -88,7 +88,7 @@ for name in "${NAMES[@]}"; do
         [[ -d $ckpt ]] && ls "$ckpt"/ckpt-* >/dev/null 2>&1 || \
           "${PYTHON:-python}" train.py --stage pretrain --init "$RUN/vision" --data "$DATA/mixtures/pretrain.json" \
             --out-dir "$ckpt" --max-steps "$steps" --save-every "$steps" --keep 1 --batch-size "$BATCH" \
-            --length-groups 16 --lr 1e-3
+            --length-groups 16 --lr "$PRETRAIN_LR"
         "${PYTHON:-python}" eval.py --checkpoint "$ckpt" --data "$DATA" --limit "$EVAL_LIMIT" --name "$v" \
           --prompt plain --splits captions vqa ocr grounding fewshot --json "$OUT/eval/$v.json" > /dev/null
       done

@@ -9,7 +9,7 @@
 # pretraining and at the end. The commands are the ones a user runs at scale, with toy-sized steps. Prints,
 # and writes to OUT_DIR, results.md (the tables, probes, time per stage, curves.png, held-out examples with
 # every stage's answers; toy/report.py) and results.json ({stage: {metric: fraction}}).
-# Step counts can be overridden from the environment, e.g. PRETRAIN_STEPS=600 bash toy/run_toy.sh; PYTHON
+# Steps and learning rates: toy/recipe.sh; the environment overrides them, e.g. PRETRAIN_STEPS=600; PYTHON
 # picks the interpreter (default: python). Paths are relative to the repository root (the folder above toy/).
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the repository root
@@ -24,13 +24,7 @@ for arg in "$@"; do
   esac
 done
 
-if [[ $QUICK == 1 ]]; then  # the pipeline end to end in a few minutes (the tests run this); numbers mean nothing
-  SIZE=small; : "${VISION_STEPS:=4}" "${PRETRAIN_STEPS:=4}" "${SFT_STEPS:=4}" "${INTERLEAVE_STEPS:=3}"
-  : "${DPO_STEPS:=3}" "${SAFETY_STEPS:=3}" "${EVAL_LIMIT:=4}" "${BATCH:=4}" "${PROBE_STEPS:=4}"
-else
-  SIZE=medium; : "${VISION_STEPS:=1200}" "${PRETRAIN_STEPS:=1800}" "${SFT_STEPS:=2400}" "${INTERLEAVE_STEPS:=400}"
-  : "${DPO_STEPS:=120}" "${SAFETY_STEPS:=500}" "${EVAL_LIMIT:=100}" "${BATCH:=8}" "${PROBE_STEPS:=200}"
-fi
+source toy/recipe.sh  # SIZE, the steps, BATCH, EVAL_LIMIT and the learning rates
 DATA=$OUT/data
 mkdir -p "$OUT/eval" "$OUT/probes"
 : > "$OUT/times.tsv"
@@ -66,21 +60,21 @@ probe() {  # probe STAGE: fresh linear heads on the checkpoint's frozen ViT feat
 [[ -f $DATA/world.json ]] || timed world "${PYTHON:-python}" -m toy.toyworld --out "$DATA" --size $SIZE
 timed vision "${PYTHON:-python}" -m toy.toyvision --data "$DATA" --out "$OUT/vision" --steps "$VISION_STEPS"
 
-train pretrain vision "$PRETRAIN_STEPS" --lr 1e-3
+train pretrain vision "$PRETRAIN_STEPS" --lr "$PRETRAIN_LR"
 evaluate pretrain --prompt plain
 probe pretrain
 
-train sft pretrain "$SFT_STEPS" --lr 3e-4  # a third of pretraining's: 1e-3 undid what pretraining taught (captions 95% -> 58%)
+train sft pretrain "$SFT_STEPS" --lr "$SFT_LR"
 evaluate sft
 
-train interleave sft "$INTERLEAVE_STEPS" --lr 2e-4
+train interleave sft "$INTERLEAVE_STEPS" --lr "$INTERLEAVE_LR"
 evaluate interleave
 
 timed dpo "${PYTHON:-python}" dpo.py --init "$OUT/interleave" --data "$DATA/mixtures/dpo.json" --out-dir "$OUT/dpo" \
-  --max-steps "$DPO_STEPS" --save-every "$DPO_STEPS" --keep 1 --batch-size 4 --lr 3e-4
+  --max-steps "$DPO_STEPS" --save-every "$DPO_STEPS" --keep 1 --batch-size 4 --lr "$DPO_LR"
 evaluate dpo
 
-train safety dpo "$SAFETY_STEPS" --lr 1e-3
+train safety dpo "$SAFETY_STEPS" --lr "$SAFETY_LR"
 evaluate safety
 probe safety
 
