@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from errors import BadSample, fail
 from formats import DataError, open_sources  # noqa: F401  (data.open_sources: what the scripts call)
-from images import BadSample, Images, open_image, preprocess
+from images import Images, open_image, preprocess
 from model import PRESET_PARTS, STRATEGIES, preset
 from tokenizer import DEFAULT_SYSTEM, IMAGE, TokenizerError, extended_tokenizer, pad_batch, place_images, render_chat
 
@@ -372,8 +373,7 @@ def main(argv=None):
     try:
         show(args)
     except (DataError, TokenizerError) as e:  # bad data, or tokenizer files that cannot be read: one line, exit 2
-        print(f"data.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        fail("data.py", e)
 
 
 if __name__ == "__main__":

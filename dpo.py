@@ -35,6 +35,7 @@ import data
 import lora
 import train
 from distributed import all_sum, barrier, print0, sync_grads
+from errors import fail
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -146,8 +147,8 @@ def precompute(run, sources):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.init is None:
-        raise SystemExit("dpo.py: --init is required: DPO starts from an instruction-tuned model (e.g. out/interleave)")
-    run = train.Run(train.finish_args(args), script="dpo.py")
+        fail("dpo.py", "--init is required: DPO starts from an instruction-tuned model (e.g. out/interleave)")
+    run = train.Run(train.finish_args(args, "dpo.py"), script="dpo.py")
     for src, _ in run.sources:
         if hasattr(src, "counts"):
             print0(f"{src.name}: {dict(src.counts)}")

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import weights
+from errors import fail
 from evals import cli
 from evals.run import answer, load_model
 from formats import image_ref
@@ -105,12 +106,12 @@ def toy_main(argv):
     try:
         m, path = load_model(args.checkpoint, args.device, args.dtype)
     except weights.CheckpointError as e:
-        p.exit(2, f"eval.py: error: {e}\n")
+        fail("eval.py", e)
     try:
         metrics = evaluate(m, args.data, args.splits, args.prompt, limit=args.limit, batch_size=args.batch_size,
                            device=args.device, predictions=args.predictions)
     except (ValueError, OSError) as e:  # a test split or an image that cannot be read (BadSample names it)
-        p.exit(2, f"eval.py: error: {e}\n")
+        fail("eval.py", e)
     seconds = round(time.time() - t0, 1)
     print(tasks.table([(args.name or str(args.checkpoint), metrics)]))
     print(f"{seconds} s, {args.prompt} prompts, {path}")

@@ -32,19 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from errors import BadSample
+
 MAX_PIXELS = 64 * 2**20  # larger images are refused as decompression bombs (Pillow warns at 89M by default)
-
-
-class BadSample(ValueError):
-    """Input that cannot be used (an image here; any record in formats.py and data.py): the message names the
-    file and the sample, `reason` is a short tag a training run counts skipped samples by."""
-
-    def __init__(self, where, message, reason):
-        super().__init__(f"{where}: {message}")
-        self.where, self.message, self.reason = where, message, reason
-
-    def __reduce__(self):  # picklable (DataLoader workers under spawn) with its three fields
-        return BadSample, (self.where, self.message, self.reason)
 
 
 def shown(ref, n=120):

@@ -28,6 +28,7 @@ import torch
 
 import checkpoint
 import weights
+from errors import fail
 from generate import decode_layout
 from images import load_image
 from model import XGenMM
@@ -71,21 +72,15 @@ def build_parser():
     return p
 
 
-def fail(message):
-    """One line on stderr and exit status 2, as argparse does for a bad flag, but without the usage block."""
-    print(f"sample.py: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def check_args(args):
     if args.raw and args.prompt is None:
-        fail("--raw needs --prompt (the chat mode always uses the chat template)")
+        fail("sample.py", "--raw needs --prompt (the chat mode always uses the chat template)")
     if args.max_new_tokens < 1:
-        fail(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        fail("sample.py", f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) or (args.top_k or 1) < 1:
-        fail("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 1")
+        fail("sample.py", "--temperature must be >= 0, --top-p in (0, 1], --top-k >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {args.device}: CUDA is not available here")
+        fail("sample.py", f"--device {args.device}: CUDA is not available here")
 
 # -----------------------------------------------------------------------------
 # model and prompts
@@ -97,11 +92,12 @@ def load(args):
     try:
         model = XGenMM.from_pretrained(checkpoint.resolve(args.checkpoint), dtype=dtype, device=args.device)
     except weights.CheckpointError as e:  # no such path or cached Hub id, not a checkpoint, not xGen-MM
-        fail(str(e))
+        fail("sample.py", str(e))
     except (ValueError, OSError) as e:  # e.g. a config.json that is not JSON
-        fail(f"{args.checkpoint}: cannot load the checkpoint ({type(e).__name__}: {e})")
+        fail("sample.py", f"{args.checkpoint}: cannot load the checkpoint ({type(e).__name__}: {e})")
     if model.tokenizer is None:
-        fail(f"{args.checkpoint}: no tokenizer files (tokenizer.model, tokenizer_config.json) to encode the prompt")
+        fail("sample.py", f"{args.checkpoint}: no tokenizer files (tokenizer.model, tokenizer_config.json) to "
+             "encode the prompt")
     if args.device == "cpu" and dtype == "float32":
         # Column-major weights: faster batch-1 matrix-vector products on CPU, in fp32 only. In bf16 or fp16
         # the CPU kernels take a slow path for transposed weights (about 36x slower per decode step).
@@ -167,7 +163,7 @@ def one_shot(model, args, images, generator):
         text = place_images(args.prompt, len(images))
         answer(model, text if args.raw else chat_prompt([text], args.system), images, args, generator)
     except ValueError as e:  # marker count, prompt too long for the context
-        fail(str(e))
+        fail("sample.py", str(e))
 
 
 def chat(model, args, images, generator):
@@ -217,7 +213,7 @@ def main(argv=None):
     try:
         images = [load_image(p) for p in args.image]
     except ValueError as e:  # names the file: missing or not an image
-        fail(str(e))
+        fail("sample.py", str(e))
     model = load(args)
     generator = None if args.seed is None else torch.Generator(args.device).manual_seed(args.seed)
     if args.prompt is not None:

@@ -13,14 +13,12 @@ loss on the supervised text), on a CPU, one GPU, or many with torchrun.
 What is notable:
 1. What trains follows the paper (docs/release.md §5): the ViT is frozen in every stage; pretraining and SFT
    train the resampler and the LLM; safety tuning (and dpo.py) trains LoRA adapters (lora.py) on the LLM.
-2. The toy world has no pretrained SigLIP to freeze, so a model started from scratch (no --init) trains its
-   ViT during pretraining (--train-vit defaults to on there): a frozen random ViT would hand the resampler
-   random projections of pixels. Every later stage freezes it, as the paper does.
+2. A model started from scratch (no --init: the toy world has no SigLIP to freeze) trains its ViT in pretraining
+   (--train-vit): a frozen random ViT would hand the resampler random projections of pixels. Later stages don't.
 3. The loss is summed over tokens and divided by the supervised tokens of the whole optimiser step (all
    micro-batches, all ranks), so gradient accumulation and data parallelism give the update of one big batch.
-4. Checkpoints (checkpoint.py) are directories written whole or not at all: the model in the official
-   layout, the optimiser, the RNG states, the data position and the arguments. --resume continues from the
-   newest one, bit for bit on a CPU.
+4. Checkpoints (checkpoint.py) are written whole or not at all: the model in the official layout, optimiser,
+   RNG states, data position and arguments. --resume continues from the newest, bit for bit on a CPU.
 5. A step whose loss is NaN or inf is skipped and counted; too many in a row stop the run.
 6. Weights, gradients and AdamW's states are fp32 (--param-dtype), even from the bf16 release: at SFT's
    learning rate most updates are smaller than bf16's rounding step and would vanish. On CUDA the forward
@@ -30,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -42,9 +39,11 @@ from tqdm import tqdm
 import checkpoint
 import data
 import lora
+import toy
 import weights
 from distributed import all_sum, print0, sync_grads
 import distributed
+from errors import fail
 from model import PRESET_PARTS, STRATEGIES, XGenMM, XGenMMConfig
 
 STAGES = ("pretrain", "sft", "interleave", "safety")
@@ -53,79 +52,65 @@ LORA_STAGES = ("safety", "dpo")  # the paper's LoRA stages (dpo.py runs the loop
 DEFAULT_LR = {"pretrain": 1e-4, "sft": 2e-5, "interleave": 2e-5, "safety": 1e-4, "dpo": 5e-5}
 SCRATCH_LR = 1e-3  # a tiny model trained from scratch (the toy world's) learns fast at this rate
 
+
+def main(argv=None):
+    """Flags -> the resolved run (printed) -> the loop, one `train_step` per optimiser step."""
+    run = Run(finish_args(build_parser().parse_args(argv)))
+    train(run, train_step)
+    run.close()
+    return run
+
 # -----------------------------------------------------------------------------
 # arguments
 
 
 def build_parser(description=__doc__, stages=STAGES):
-    """train.py's flags; dpo.py reuses them with its own description and no --stage (it is one stage)."""
+    """train.py's flags, one a line; dpo.py reuses them with its own description and no --stage (one stage)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    on_off = argparse.BooleanOptionalAction
     g = p.add_argument_group("run")
     if stages:
         g.add_argument("--stage", default="pretrain", choices=stages, help="what to train (default: pretrain)")
-    g.add_argument("--out-dir", default=None, help="run directory for checkpoints and metrics.jsonl (default: out/<stage>)")
-    g.add_argument("--init", nargs="+", default=None, metavar="PATH",
-                   help="start from: an xGen-MM checkpoint (or a Hub id in the local cache), a previous run "
-                        "directory (its newest checkpoint), or two paths SIGLIP PHI3 (a new model with a fresh "
-                        "resampler). Default: a new model of --preset sized to the tokenizer (the toy world's)")
-    g.add_argument("--data", default=None, help="a mixture config (JSON with 'sources') or one dataset path "
-                                                 "(default: the toy world's mixture for the stage, written if missing)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer of a model started from scratch (default: the "
-                                                      "`tokenizer/` folder that ships with --data, as the toy world's)")
-    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                   help="continue from the newest complete checkpoint in --out-dir, exactly")
-    g.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="save and exit after N steps of this invocation (for job time limits; --resume goes on)")
+    g.add_argument("--out-dir", default=None, help="run directory: checkpoints, metrics.jsonl (default: out/<stage>)")
+    g.add_argument("--init", nargs="+", default=None, metavar="PATH", help="start from: a checkpoint, a Hub id in "
+                   "the local cache, a run directory (its newest checkpoint), or SIGLIP PHI3 (a fresh resampler); "
+                   "default: a new --preset model sized to the tokenizer")
+    g.add_argument("--data", default=None, help="a mixture config or one dataset (default: the toy world's mixture)")
+    g.add_argument("--tokenizer", default=None, help="of a new model (default: the tokenizer/ that ships with --data)")
+    g.add_argument("--resume", action=on_off, default=False, help="continue exactly from --out-dir's newest checkpoint")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N", help="save and exit after N steps (job limits)")
     g = p.add_argument_group("schedule")
-    g.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: 200 on the toy world, else 1000)")
+    g.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: toy world 200, else 1000)")
     g.add_argument("--batch-size", type=int, default=8, help="samples per micro-batch per rank")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     g.add_argument("--max-len", type=int, default=2048, help="tokens per sample, images counted as their vision tokens")
-    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {SCRATCH_LR:g} from scratch, "
-                                                         f"else per stage {DEFAULT_LR})")
+    g.add_argument("--lr", type=float, default=None, help=f"peak (default: {SCRATCH_LR:g} from scratch, else by stage: "
+                   f"{DEFAULT_LR})")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
     g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: 5%% of --max-steps)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (paper: 0)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
     g.add_argument("--seed", type=int, default=0, help="initialisation and data order")
-    g.add_argument("--length-groups", type=int, default=1, metavar="G",
-                   help="sort the samples of G batches by length and cut them into G batches (less padding)")
+    g.add_argument("--length-groups", type=int, default=1, metavar="G", help="sort G batches by length (less padding)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default=None, choices=sorted(PRESET_PARTS),
-                   help="size of a new model, when there is no --init (default tiny, for a CPU; small: ~100M "
-                   "parameters with the toy world's vocabulary, for one GPU; xgenmm: the release's architecture, randomly initialised)")
-    g.add_argument("--strategy", default=None, choices=STRATEGIES,
-                   help="image strategy: of a new model (default anyres), or switched on a checkpoint given to "
-                   "--init (same weights, other views; the any-resolution ablation)")
-    g.add_argument("--train-vit", action=argparse.BooleanOptionalAction, default=None,
-                   help="train the ViT too (default: only when pretraining a model from scratch; see above)")
-    g.add_argument("--instruction-aware", action="store_true",
-                   help="make the resampler instruction-aware (an ablation: the user's question joins the image "
-                   "features the latents read; a fresh projection is added to a plain checkpoint)")
-    g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"train LoRA adapters on the LLM instead of the weights (default: on for {LORA_STAGES})")
+    g.add_argument("--preset", default=None, choices=sorted(PRESET_PARTS), help="size of a new model (default: tiny)")
+    g.add_argument("--strategy", default=None, choices=STRATEGIES, help="image strategy, also switched on an --init")
+    g.add_argument("--train-vit", action=on_off, default=None, help="train the ViT (default: pretraining from scratch)")
+    g.add_argument("--instruction-aware", action="store_true", help="the resampler reads the question (an ablation)")
+    g.add_argument("--lora", action=on_off, default=None, help=f"train LoRA adapters (default: on for {LORA_STAGES})")
     g.add_argument("--lora-r", type=int, default=64, help="LoRA rank")
     g.add_argument("--lora-alpha", type=float, default=128.0, help="LoRA alpha (scale alpha / r)")
     g.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
     g = p.add_argument_group("hardware")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda (the default where there is one; under torchrun each rank takes cuda:LOCAL_RANK) or cpu")
-    g.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="dtype of the weights, their gradients and AdamW's states (default float32: master weights "
-                   "in fp32 even from the bf16 release, computing in bf16 under autocast on CUDA; checkpoints are "
-                   "saved in it. bfloat16 halves the memory, but updates smaller than ~0.3%% of a weight round "
-                   "away, as most do at the SFT learning rate)")
-    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
-                   help="shard parameters, gradients and optimiser state with FSDP2 (fully_shard) instead of DDP")
-    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute the LLM blocks' activations in the backward pass (less memory, ~30%% slower)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the LLM blocks")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (under torchrun: "
+                   "cuda:LOCAL_RANK) or cpu")
+    g.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"], help="of weights and AdamW")
+    g.add_argument("--fsdp", action=on_off, default=False, help="shard with FSDP2 (fully_shard) instead of DDP")
+    g.add_argument("--grad-checkpointing", action=on_off, default=False, help="recompute activations (~30%% slower)")
+    g.add_argument("--compile", action=on_off, default=False, help="torch.compile the LLM blocks")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
-    g.add_argument("--dist-timeout", type=float, default=60.0, metavar="MIN",
-                   help="minutes a rank waits in a collective (rank 0 alone writes the checkpoints: ~10 min at 4.4B)")
-    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
-                   help="deterministic GPU kernels (slower), so a resumed run matches an uninterrupted one bit for "
-                   "bit on a GPU too; on a CPU it always does")
+    g.add_argument("--dist-timeout", type=float, default=60.0, metavar="MIN", help="minutes a collective waits")
+    g.add_argument("--deterministic", action=on_off, default=False, help="deterministic GPU kernels (exact resume)")
     g.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 peak for the MFU (H100 SXM: 989)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, default=10, help="a log line (and metrics.jsonl record) every N steps")
@@ -136,15 +121,14 @@ def build_parser(description=__doc__, stages=STAGES):
     return p
 
 
-def finish_args(args):
+def finish_args(args, script="train.py"):
     """Defaults that depend on other flags; with no --data, a newcomer's first run: the toy world (toy/)."""
     args.out_dir = args.out_dir or f"out/{args.stage}"
     if args.preset and args.init:
-        raise SystemExit("train.py: --preset sizes a new model and --init starts from a saved one; give only one")
+        fail(script, "--preset sizes a new model and --init starts from a saved one; give only one")
     if args.init is None:
         args.preset = args.preset or "tiny"
     if args.data is None:
-        import toy
         args.data = str(toy.WORLD / "mixtures" / f"{args.stage}.json")
         args.max_steps = args.max_steps or toy.STEPS
     args.max_steps = args.max_steps or 1000
@@ -152,20 +136,80 @@ def finish_args(args):
         args.lr = SCRATCH_LR if args.init is None else DEFAULT_LR[args.stage]
     if args.warmup is None:
         args.warmup = max(1, args.max_steps // 20)
-    if args.train_vit is None:
-        args.train_vit = args.init is None and args.stage == "pretrain"
-    if args.lora is None:
-        args.lora = args.stage in LORA_STAGES
+    args.train_vit = args.init is None and args.stage == "pretrain" if args.train_vit is None else args.train_vit
+    args.lora = args.stage in LORA_STAGES if args.lora is None else args.lora
     return args
 
 
-def fail(message, script="train.py"):
-    """Bad input before training starts (unreadable data, an unknown checkpoint): one line on stderr, exit 2."""
-    print(f"{script}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+def resolved(args, world, device):
+    """The run as its flags, the stage's defaults and the toy world resolved it: printed first, as nanochat does."""
+    trains = "ViT, resampler and LLM" if args.train_vit else "resampler and LLM (the ViT is frozen)"
+    return "\n".join(f"{k:>7}: {v}" for k, v in {
+        "stage": f"{args.stage}, {args.max_steps} steps, data {args.data}, out {args.out_dir}",
+        "from": " ".join(args.init) if args.init else f"a new {args.preset} model",
+        "lr": f"{args.lr:.2e} after {args.warmup} warm-up steps, cosine to {args.lr * args.min_lr_ratio:.2e}",
+        "batch": f"{args.batch_size} x grad-accum {args.grad_accum} x {world} rank(s), <= {args.max_len} tokens each",
+        "trains": "the LoRA adapters only" if args.lora else trains,
+        "LoRA": f"r {args.lora_r}, alpha {args.lora_alpha:g}, dropout {args.lora_dropout:g}" if args.lora else "off",
+        "weights": f"{args.param_dtype} on {device}" + (", FSDP2" if args.fsdp else ""),
+    }.items())
+
 
 # -----------------------------------------------------------------------------
-# the model
+# the run: model, optimiser, data
+
+
+class Run:
+    """What a run holds: arguments, ranks, the model (plain and wrapped), optimiser, trainer state."""
+
+    def __init__(self, args, script="train.py"):
+        self.args, self.script = args, script
+        self.rank, self.world, self.device = distributed.setup(args.device, args.dist_timeout)
+        print0(resolved(args, self.world, self.device))
+        if args.deterministic:  # cuBLAS needs its workspace fixed for deterministic matrix products
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        self.run_dir = Path(args.out_dir)
+        if not Path(args.data).exists() and Path(args.data).is_relative_to(toy.WORLD):  # a first run's, written once
+            if self.rank == 0:
+                toy.ensure_world(toy.WORLD)
+            distributed.barrier()
+        resume = checkpoint.newest(self.run_dir) if args.resume else None
+        if args.resume and resume is None:
+            print0(f"--resume: no checkpoint in {self.run_dir} yet, starting from the beginning")
+        torch.manual_seed(args.seed)
+        dtype = getattr(torch, args.param_dtype)
+        try:
+            # the checkpoint holds the whole model, unless LoRA: then the base from --init, the adapters from it
+            whole = resume is not None and not args.lora
+            m = XGenMM.from_pretrained(resume, dtype, self.device) if whole else load_model(args, self.device)
+            tok = m.tokenizer
+            self.sources = data.open_sources(args.data, tok.id_to_token(tok.eos_id))
+        except (weights.CheckpointError, data.DataError) as e:
+            fail(script, e)
+        print0(configure(m, args))
+        self.m = m.to(self.device, dtype).train()
+        if resume is not None and args.lora:  # into the plain parameters, before FSDP2 shards them
+            lora.load_adapters(m, resume / "trainer" / "adapters.safetensors")
+        self.wrapped = distributed.wrap(m, self.device, self.world, args.fsdp)
+        self.params = [p for p in m.parameters() if p.requires_grad]
+        self.opt = make_optimizer(m, args, self.device)  # after wrapping: FSDP2 replaced the parameters
+        self.trainer = {"step": 0, "nonfinite": 0, "seen": 0, "bad": {}}
+        if resume is not None:
+            self.trainer = checkpoint.load(resume, self.wrapped, self.opt)
+            print0(f"resumed from {resume} at step {self.trainer['step']}")
+
+    def batches(self):
+        """The batches of this rank from the run's data position on, built by DataLoader workers (in pinned
+        memory on CUDA, so the copies to the GPU do not wait)."""
+        args, tok = self.args, self.m.tokenizer
+        mixture = data.Mixture(self.sources, data.Encoder(tok, self.m.config, args.max_len), args.batch_size,
+                               tok.pad_id, seed=args.seed, rank=self.rank, world=self.world,
+                               start_batch=self.trainer["step"] * args.grad_accum, group=args.length_groups)
+        return iter(data.loader(mixture, num_workers=args.workers, pin_memory=self.device.type == "cuda"))
+
+    def close(self):
+        distributed.close()
 
 
 def load_model(args, device):
@@ -175,7 +219,8 @@ def load_model(args, device):
     if args.init is None:
         tokenizer = args.tokenizer or data.dataset_tokenizer(args.data)
         if tokenizer is None:
-            fail(f"a new model is sized to its tokenizer: pass --tokenizer (none ships with {args.data})")
+            raise data.DataError(f"a new model is sized to its tokenizer: pass --tokenizer (none ships with "
+                                 f"{args.data})")
         with torch.device(device):
             m = XGenMM.from_tokenizer(tokenizer, args.preset, args.strategy or "anyres")
     elif len(args.init) == 2:
@@ -187,7 +232,7 @@ def load_model(args, device):
             m.config.image_aspect_ratio = switched.image_aspect_ratio
             m.config.anyres_patch_sampling = switched.anyres_patch_sampling
     if m.tokenizer is None:
-        fail(f"{args.init}: the checkpoint has no tokenizer files; training needs them")
+        raise weights.CheckpointError(f"{args.init}: the checkpoint has no tokenizer files; training needs them")
     if args.instruction_aware and not m.config.resampler.instruction_dim:
         m.config.resampler.instruction_dim = m.config.text.hidden_size
         m.vision_tokenizer.instruction = torch.nn.Linear(m.config.text.hidden_size, m.config.resampler.dim,
@@ -225,6 +270,55 @@ def make_optimizer(m, args, device):
     # NaN/inf step on the device (found_inf); FSDP2's sharded parameters on a CPU take the per-tensor path
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                              fused=device.type == "cuda" or not distributed.sharded(m))
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def train(run, step_fn):
+    """The loop: batches, `step_fn` per optimiser step, logging, checkpoints. step_fn(run, micro) -> a dict of
+    device tensors with at least "loss" and "grad_norm" (NaN when the step was skipped for a NaN/inf loss).
+    The host reads the device once per log line and checkpoint (Meter.flush), never in between."""
+    args, state = run.args, run.trainer
+    start, batches = state["step"], run.batches()
+    tally = data.Tally(args.max_bad_fraction, seen=state["seen"], bad=state["bad"])
+    metrics = run.run_dir / "metrics.jsonl"
+    if run.rank == 0:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.keep_metrics(metrics, start)
+    bar = tqdm(total=args.max_steps, initial=start, disable=run.rank != 0, desc=args.stage, dynamic_ncols=True)
+    meter, t0 = Meter(run, state["nonfinite"]), time.perf_counter()
+    for step in range(start, args.max_steps):
+        for g in run.opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        waited = time.perf_counter()
+        micro = [next(batches) for _ in range(args.grad_accum)]
+        meter.waited += time.perf_counter() - waited
+        meter.add(micro, step_fn(run, micro))
+        bar.update(1)
+        done = step + 1 == args.max_steps
+        stop = args.stop_after is not None and step + 1 - start >= args.stop_after  # --stop-after: save and exit
+        logged = (step + 1) % args.log_every == 0 or done
+        saved = (step + 1) % args.save_every == 0 or done or stop
+        if logged or saved:
+            rec = meter.flush(tally)  # the one wait for the device, and the bad-sample check
+            state.update(step=step + 1, seen=tally.seen, bad=dict(tally.bad), nonfinite=meter.streak)
+            if meter.worst >= args.max_nonfinite:
+                raise SystemExit(f"{run.script}: {meter.worst} steps in a row had a NaN/inf loss (last {rec['loss']}); "
+                                 "lower --lr or check the data")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if logged and run.rank == 0:
+                elapsed = time.perf_counter() - t0
+                rec |= {"fill": meter.total_tokens / max(meter.total_positions, 1), "data_wait_s": meter.waited}
+                log(bar, metrics, record(run, rec, step, meter.total_tokens / elapsed, elapsed, tally),
+                    eta=elapsed / (step + 1 - start) * (args.max_steps - step - 1))
+        if saved:
+            checkpoint.save(run.run_dir, step + 1, run.m, run.wrapped, run.opt, state, args, args.keep)
+        if stop:
+            break
+    bar.close()
+    last = checkpoint.newest(run.run_dir)
+    print0(f"done: {last if last else run.run_dir} (bad samples: {tally.report()})")
 
 
 def lr_at(step, args):
@@ -289,112 +383,7 @@ def optimizer_step(run, loss):
     return torch.where(skip, float("nan"), norm.float())
 
 # -----------------------------------------------------------------------------
-# the run
-
-
-class Run:
-    """What a run holds: arguments, ranks, the model (plain and wrapped), optimiser, trainer state."""
-
-    def __init__(self, args, script="train.py"):
-        self.args = args
-        self.rank, self.world, self.device = distributed.setup(args.device, args.dist_timeout)
-        if args.deterministic:  # cuBLAS needs its workspace fixed for deterministic matrix products
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-        self.run_dir = Path(args.out_dir)
-        if not Path(args.data).exists():
-            import toy
-            if Path(args.data).is_relative_to(toy.WORLD):  # the default data of a first run, written once
-                if self.rank == 0:
-                    toy.ensure_world(toy.WORLD)
-                distributed.barrier()
-        resume = checkpoint.newest(self.run_dir) if args.resume else None
-        if args.resume and resume is None:
-            print0(f"--resume: no checkpoint in {self.run_dir} yet, starting from the beginning")
-        torch.manual_seed(args.seed)
-        dtype = getattr(torch, args.param_dtype)
-        try:
-            # the checkpoint holds the whole model, unless LoRA: then the base from --init, the adapters from it
-            whole = resume is not None and not args.lora
-            m = XGenMM.from_pretrained(resume, dtype, self.device) if whole else load_model(args, self.device)
-            tok = m.tokenizer
-            self.sources = data.open_sources(args.data, tok.id_to_token(tok.eos_id))
-        except (weights.CheckpointError, data.DataError) as e:
-            fail(str(e), script)
-        print0(configure(m, args))
-        self.m = m.to(self.device, dtype).train()
-        if resume is not None and args.lora:  # into the plain parameters, before FSDP2 shards them
-            lora.load_adapters(m, resume / "trainer" / "adapters.safetensors")
-        self.wrapped = distributed.wrap(m, self.device, self.world, args.fsdp)
-        self.params = [p for p in m.parameters() if p.requires_grad]
-        self.opt = make_optimizer(m, args, self.device)  # after wrapping: FSDP2 replaced the parameters
-        self.trainer = {"step": 0, "nonfinite": 0, "seen": 0, "bad": {}}
-        if resume is not None:
-            self.trainer = checkpoint.load(resume, self.wrapped, self.opt)
-            print0(f"resumed from {resume} at step {self.trainer['step']}")
-
-    def batches(self):
-        """The batches of this rank from the run's data position on, built by DataLoader workers (in pinned
-        memory on CUDA, so the copies to the GPU do not wait)."""
-        args, tok = self.args, self.m.tokenizer
-        mixture = data.Mixture(self.sources, data.Encoder(tok, self.m.config, args.max_len), args.batch_size,
-                               tok.pad_id, seed=args.seed, rank=self.rank, world=self.world,
-                               start_batch=self.trainer["step"] * args.grad_accum, group=args.length_groups)
-        return iter(data.loader(mixture, num_workers=args.workers, pin_memory=self.device.type == "cuda"))
-
-    def close(self):
-        distributed.close()
-
-
-def main(argv=None):
-    run = Run(finish_args(build_parser().parse_args(argv)))
-    train(run, train_step)
-    run.close()
-    return run
-
-
-def train(run, step_fn):
-    """The loop: batches, `step_fn` per optimiser step, logging, checkpoints. step_fn(run, micro) -> a dict of
-    device tensors with at least "loss" and "grad_norm" (NaN when the step was skipped for a NaN/inf loss).
-    The host reads the device once per log line and checkpoint (Meter.flush), never in between."""
-    args, state = run.args, run.trainer
-    start, batches = state["step"], run.batches()
-    tally = data.Tally(args.max_bad_fraction, seen=state["seen"], bad=state["bad"])
-    metrics = run.run_dir / "metrics.jsonl"
-    if run.rank == 0:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.keep_metrics(metrics, start)
-    bar = tqdm(total=args.max_steps, initial=start, disable=run.rank != 0, desc=args.stage, dynamic_ncols=True)
-    meter, t0 = Meter(run, state["nonfinite"]), time.perf_counter()
-    for step in range(start, args.max_steps):
-        for g in run.opt.param_groups:
-            g["lr"] = lr_at(step, args)
-        waited = time.perf_counter()
-        micro = [next(batches) for _ in range(args.grad_accum)]
-        meter.waited += time.perf_counter() - waited
-        meter.add(micro, step_fn(run, micro))
-        bar.update(1)
-        done, stop = step + 1 == args.max_steps, args.stop_after is not None and step + 1 - start >= args.stop_after
-        logged, saved = (step + 1) % args.log_every == 0 or done, (step + 1) % args.save_every == 0 or done or stop
-        if logged or saved:
-            rec = meter.flush(tally)  # the one wait for the device, and the bad-sample check
-            state.update(step=step + 1, seen=tally.seen, bad=dict(tally.bad), nonfinite=meter.streak)
-            if meter.worst >= args.max_nonfinite:
-                raise SystemExit(f"train.py: {meter.worst} steps in a row had a NaN/inf loss (last {rec['loss']}); "
-                                 "lower --lr or check the data")
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            if logged and run.rank == 0:
-                elapsed = time.perf_counter() - t0
-                rec |= {"fill": meter.total_tokens / max(meter.total_positions, 1), "data_wait_s": meter.waited}
-                log(bar, metrics, record(run, rec, step, meter.total_tokens / elapsed, elapsed, tally),
-                    eta=elapsed / (step + 1 - start) * (args.max_steps - step - 1))
-        if saved:
-            checkpoint.save(run.run_dir, step + 1, run.m, run.wrapped, run.opt, state, args, args.keep)
-        if stop:
-            break
-    bar.close()
-    last = checkpoint.newest(run.run_dir)
-    print0(f"done: {last if last else run.run_dir} (bad samples: {tally.report()})")
+# what the loop reports
 
 
 class Meter:
@@ -406,11 +395,10 @@ class Meter:
 
     def __init__(self, run, streak):
         self.run, self.samples, self.bad, self.tokens, self.total_tokens = run, 0, Counter(), 0, 0
-        self.positions, self.total_positions, self.waited = 0, 0, 0.0  # padded positions; seconds spent waiting for data
+        self.positions, self.total_positions, self.waited = 0, 0, 0.0  # padded positions; seconds waiting for data
         self._streak = torch.tensor(float(streak), device=run.device)  # NaN/inf steps in a row
         self._worst = self._streak.clone()
-        self.streak = self.worst = streak
-        self.rec = None
+        self.streak, self.worst, self.rec = streak, streak, None
 
     def add(self, micro, rec):
         self.samples += sum(b["samples"] for b in micro)

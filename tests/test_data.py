@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data
+import datafiles
 import formats
 import images
 import model
@@ -149,10 +150,10 @@ def test_pretraining_text_labels(enc, tok):
 
 
 def test_brace_expansion():
-    assert formats.expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
-    assert formats.expand_braces("{a,b}/x-{8..10}.tar") == ["a/x-8.tar", "a/x-9.tar", "a/x-10.tar", "b/x-8.tar",
+    assert datafiles.expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert datafiles.expand_braces("{a,b}/x-{8..10}.tar") == ["a/x-8.tar", "a/x-9.tar", "a/x-10.tar", "b/x-8.tar",
                                                           "b/x-9.tar", "b/x-10.tar"]
-    assert formats.expand_braces("plain.tar") == ["plain.tar"]
+    assert datafiles.expand_braces("plain.tar") == ["plain.tar"]
 
 
 def test_caption_shards(tmp_path, enc, tok):

@@ -84,9 +84,10 @@ def test_bad_pairs_are_reported_not_used(setup, world, tmp_path):
     assert log[0]["pairs"] == 2 and log[-1]["bad_samples"] == 4  # two bad rows in each of the two steps
 
 
-def test_dpo_needs_an_initial_model(setup):
-    with pytest.raises(SystemExit, match="--init is required"):
+def test_dpo_needs_an_initial_model(setup, capsys):
+    with pytest.raises(SystemExit) as e:
         dpo.main(["--data", str(setup / "two.json")])
+    assert e.value.code == 2 and "dpo.py: error: --init is required" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------

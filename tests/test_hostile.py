@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 import checkpoint
 import data
+import datafiles
 import dpo
 import eval as ev
 import formats
@@ -160,7 +161,7 @@ def crafted(tmp_path_factory):
     return d
 
 
-BIG = 6000  # bytes of the oversized member; the tests lower formats.MAX_MEMBER_BYTES below it
+BIG = 6000  # bytes of the oversized member; the tests lower datafiles.MAX_MEMBER_BYTES below it
 
 
 def write_shards(d):
@@ -211,7 +212,7 @@ def enc(world):
 
 @pytest.fixture
 def small_members(monkeypatch):
-    monkeypatch.setattr(formats, "MAX_MEMBER_BYTES", BIG - 1)
+    monkeypatch.setattr(datafiles, "MAX_MEMBER_BYTES", BIG - 1)
 
 
 def sources(d):

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import tokenizer
-from toy import scenes, toyworld
+from toy import scenes, toytokenizer, toyworld
 
 GRID = 0.05
 
@@ -330,12 +330,12 @@ def test_mixtures_resolve(world):
 def test_tokenizer_loads_round_trips_and_has_phi3_ids(world):
     tok = tokenizer.Tokenizer.from_pretrained(world / "tokenizer")
     n = tok.sp.get_piece_size()
-    added = [c for c, _ in toyworld.PHI3_ADDED]
+    added = [c for c, _ in toytokenizer.PHI3_ADDED]
     assert [tok.token_to_id(c) for c in added] == list(range(n, n + 11)) and len(tok) == n + 11
     assert (tok.bos_id, tok.unk_id, tok.eos_id, tok.pad_id) == (1, 0, n, n) and tok.add_bos
     assert 900 <= n <= 1000
     rstrip = {t.content: t.rstrip for t in tok.added.values()}
-    assert [rstrip[c] for c in added] == [r for _, r in toyworld.PHI3_ADDED]
+    assert [rstrip[c] for c in added] == [r for _, r in toytokenizer.PHI3_ADDED]
     texts = [r["answer"] for r in load(world, "test/captions.json")] + ["What is 12 + 7?", "Spell CAT backwards."]
     for text in texts:
         ids = tok.encode(text)

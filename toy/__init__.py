@@ -3,7 +3,8 @@ The toy world: tooling, not the model. A small procedurally drawn world written 
 formats, so the whole xGen-MM recipe runs on a CPU with a tiny model, and the suite that scores it.
 
     scenes.py     the scene model: shapes, pictures, and every caption, question and answer about them
-    toyworld.py   writes the world: every dataset format, the held-out test splits, mixtures, a tokenizer
+    toyworld.py   writes the world: every dataset format, the held-out test splits, mixtures
+    toytokenizer.py  the world's SentencePiece tokenizer, in Phi-3's Hub layout
     toyvision.py  the stand-in for SigLIP's pretraining: a tiny ViT taught to see the world, then frozen
     tasks.py      the evaluation suite: test items, prompts, scoring, the stages x metrics table
     run_toy.sh    the whole recipe in miniature, in one command; ablations.sh: the paper's ablations on it

@@ -2,10 +2,11 @@
 The toy world: a small procedurally drawn world written in the real public data formats, so the whole xGen-MM
 recipe (pretraining, SFT, multi-image SFT, DPO, safety tuning, evaluation) runs on a CPU with a tiny model.
 
-    python -m toy.toyworld --out data/toy --size medium     # or: python data.py toyworld --out data/toy ...
+    python -m toy.toyworld --out data/toy --size medium     # train.py writes it there itself when no --data is given
 
 The scenes, and every caption, question and answer about them, come from toy/scenes.py; this file writes them
-in each dataset's format, with the held-out test splits, the training mixtures and a tokenizer.
+in each dataset's format, with the held-out test splits, the training mixtures and a tokenizer
+(toytokenizer.py).
 
 - Held out: test images come from other RNG streams and use odd background values (training: even), so no
   test image equals a training image (and test arithmetic questions are not training ones). Same seed and
@@ -45,11 +46,9 @@ import tarfile
 import time
 from pathlib import Path
 
-import sentencepiece as spm
-
-from tokenizer import DEFAULT_SYSTEM
 from toy.scenes import (COLOURS, POSITIONS, SHAPES, SIZES, VQA, WORDS, Sampler, describe, harmful_request,
                         hazard_question, norm, ocr_caption, preference)
+from toy.toytokenizer import write_tokenizer
 
 FORMAT_VERSION = 1
 HAZARD_REFUSALS = ("I can't help with that. The image shows a hazard sign, so this could be dangerous.",
@@ -367,7 +366,7 @@ def write_tests(out, seed, n, train_questions):
     out.json("test/arithmetic.json", rows)
 
 # -----------------------------------------------------------------------------
-# mixtures, tokenizer, world.json
+# mixtures, tokenizer (toytokenizer.py), world.json
 
 
 def write_mixtures(out, c, text_share):
@@ -396,42 +395,6 @@ def write_mixtures(out, c, text_share):
     }
     for name, sources in mixtures.items():
         out.write(f"mixtures/{name}.json", json.dumps({"sources": sources}, indent=1).encode())
-
-
-PHI3_ADDED = (("<|endoftext|>", False), ("<|assistant|>", True), ("<|placeholder1|>", True),
-              ("<|placeholder2|>", True), ("<|placeholder3|>", True), ("<|placeholder4|>", True),
-              ("<|system|>", True), ("<|end|>", True), ("<|placeholder5|>", True), ("<|placeholder6|>", True),
-              ("<|user|>", True))  # (content, rstrip), ids n..n+10, as in Phi-3's tokenizer_config.json
-
-def write_tokenizer(folder, corpus, vocab_size=1000):
-    """SentencePiece BPE on every line of text the world wrote, in the Hub layout of Phi-3's tokenizer."""
-    lines = [ln for t in corpus + [DEFAULT_SYSTEM] for ln in t.replace("<image>", "").split("\n") if ln.strip()]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(  # one thread and a fixed line order: the same model bytes every time
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        hard_vocab_limit=False, byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.model").write_bytes(model.getvalue())
-    n = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
-
-    def token(content, rstrip=False):
-        return {"content": content, "lstrip": False, "normalized": False, "rstrip": rstrip, "single_word": False,
-                "special": True}
-    decoder = {str(i): token(c) for i, c in enumerate(["<unk>", "<s>", "</s>"])}
-    decoder.update({str(n + k): token(c, r) for k, (c, r) in enumerate(PHI3_ADDED)})
-    config = {"add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": decoder, "bos_token": "<s>",
-              "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>", "legacy": False,
-              "model_max_length": 4096, "pad_token": "<|endoftext|>", "padding_side": "left", "sp_model_kwargs": {},
-              "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>"}
-    special = {name: {k: v for k, v in token(c).items() if k != "special"}
-               for name, c in (("bos_token", "<s>"), ("eos_token", "<|endoftext|>"), ("pad_token", "<|endoftext|>"),
-                               ("unk_token", "<unk>"))}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (folder / "added_tokens.json").write_text(json.dumps({c: n + k for k, (c, _) in enumerate(PHI3_ADDED)}, indent=2))
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    return n
 
 
 def write_world(out, seed=0, size="small"):
