@@ -3,7 +3,7 @@ How bad input fails, written once for every module and script (it imports nothin
 
 - `BadSample`: one record or image that cannot be used. The message names the file, the record and what is
   wrong; `reason` is a short tag a training run counts skipped samples by (a bad record never stops a run).
-  images.py, formats.py, shards.py, data.py and evals/ raise it.
+  images.py, datafiles.py, formats.py, data.py and evals/ raise it.
 - `fail`: bad input to a script (a flag, a checkpoint, a dataset that cannot open): one line on stderr,
   `script: error: message`, and exit status 2, as argparse does for a bad flag, without the usage block.
 - `short`: a value of a record as a message shows it (a record may hold anything, of any size).

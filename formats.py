@@ -144,7 +144,7 @@ class Interleaved(Source):
 
     @staticmethod
     def member(shard, key, k, ref, where):
-        """Image k of a document in a shard: base64 in the list, or a member of the shard (shards.py)."""
+        """Image k of a document in a shard: base64 in the list, or a member of the shard (datafiles.py)."""
         if not isinstance(ref, str):
             raise BadSample(where, f"image {k} must be a member name or base64, not {short(ref)}", "bad document")
         raw = decode_base64(ref, f"{where} image {k}")

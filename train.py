@@ -13,8 +13,8 @@ loss on the supervised text), on a CPU, one GPU, or many with torchrun.
 What is notable:
 1. What trains follows the paper (docs/release.md §5): the ViT is frozen in every stage; pretraining and SFT
    train the resampler and the LLM; safety tuning (and dpo.py) trains LoRA adapters (lora.py) on the LLM.
-2. A model started from scratch (no --init: the toy world has no SigLIP to freeze) trains its ViT in pretraining
-   (--train-vit): a frozen random ViT would hand the resampler random projections of pixels. Later stages don't.
+2. A model started from scratch (no --init: the toy world has no SigLIP to freeze) trains its ViT in
+   pretraining (--train-vit): a frozen random ViT would hand the resampler random projections of pixels.
 3. The loss is summed over tokens and divided by the supervised tokens of the whole optimiser step (all
    micro-batches, all ranks), so gradient accumulation and data parallelism give the update of one big batch.
 4. Checkpoints (checkpoint.py) are written whole or not at all: the model in the official layout, optimiser,

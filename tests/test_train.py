@@ -151,6 +151,21 @@ def test_preset_sizes_a_new_model_and_conflicts_with_init(tmp_path, capsys):
     assert e.value.code == 2 and "give only one" in capsys.readouterr().err
 
 
+def test_the_run_prints_what_it_resolved(world, tmp_path, capsys):
+    """Learning rate, warm-up, steps, batch, what trains and LoRA come from flags, the stage's defaults and the
+    toy world: the run prints them, resolved, before it builds the model."""
+    args = train.finish_args(train.build_parser().parse_args(["--stage", "safety", "--init", "x", "--max-steps", "40",
+                                                              "--grad-accum", "2"]))
+    text = train.resolved(args, 4, torch.device("cpu"))
+    assert "lr: 1.00e-04 after 2 warm-up steps, cosine to 1.00e-05" in text and "stage: safety, 40 steps" in text
+    assert "batch: 8 x grad-accum 2 x 4 rank(s)" in text and "weights: float32 on cpu" in text
+    assert "trains: the LoRA adapters only" in text and "LoRA: r 64, alpha 128, dropout 0.05" in text
+    run(world, tmp_path / "p", "--batch-size", "2", "--max-steps", "1")
+    out = capsys.readouterr().out
+    assert "lr: 1.00e-03 after 1 warm-up steps" in out and "trains: ViT, resampler and LLM" in out
+    assert "LoRA: off" in out and out.index("from: a new tiny model") < out.index("parameters:")
+
+
 def test_bad_samples_are_skipped_and_counted(world, tmp_path):
     rows = json.loads((world / "sft" / "llava_sft.json").read_text())[:12]
     rows[1]["image"] = "images/missing.png"
