@@ -72,9 +72,8 @@ def build_parser(description=__doc__, stages=STAGES):
     if stages:
         g.add_argument("--stage", default="pretrain", choices=stages, help="what to train (default: pretrain)")
     g.add_argument("--out-dir", default=None, help="run directory: checkpoints, metrics.jsonl (default: out/<stage>)")
-    g.add_argument("--init", nargs="+", default=None, metavar="PATH", help="start from: a checkpoint, a Hub id in "
-                   "the local cache, a run directory (its newest checkpoint), or SIGLIP PHI3 (a fresh resampler); "
-                   "default: a new --preset model sized to the tokenizer")
+    g.add_argument("--init", nargs="+", default=None, metavar="PATH", help="a checkpoint, a Hub id in the local "
+                   "cache, a run directory (its newest), or SIGLIP PHI3 (default: a new --preset model)")
     g.add_argument("--data", default=None, help="a mixture config or one dataset (default: the toy world's mixture)")
     g.add_argument("--tokenizer", default=None, help="of a new model (default: the tokenizer/ that ships with --data)")
     g.add_argument("--resume", action=on_off, default=False, help="continue exactly from --out-dir's newest checkpoint")
@@ -102,8 +101,7 @@ def build_parser(description=__doc__, stages=STAGES):
     g.add_argument("--lora-alpha", type=float, default=128.0, help="LoRA alpha (scale alpha / r)")
     g.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
     g = p.add_argument_group("hardware")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (under torchrun: "
-                   "cuda:LOCAL_RANK) or cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"], help="of weights and AdamW")
     g.add_argument("--fsdp", action=on_off, default=False, help="shard with FSDP2 (fully_shard) instead of DDP")
     g.add_argument("--grad-checkpointing", action=on_off, default=False, help="recompute activations (~30%% slower)")
