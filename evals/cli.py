@@ -17,6 +17,7 @@ from pathlib import Path
 
 import weights
 from evals import metrics, readers
+from evals.vqa import RULES
 from evals.run import TASKS, load_model, run_benchmark, table
 from images import BadSample
 
@@ -49,6 +50,9 @@ def score_parser():
     p.add_argument("--references", required=True, nargs="+", metavar="R", help="the official annotation file(s): "
                    "VQAv2/OK-VQA annotations, TextVQA or VizWiz JSON, Karpathy/COCO/TextCaps captions, a POPE "
                    "question file, an MMBench-layout TSV, SEED-Bench or ScienceQA JSON, the AI2D folder")
+    p.add_argument("--metric", choices=RULES, help="VQA accuracy rule (evals/vqa.py); default: the benchmark's own "
+                   "evaluator: okvqa for OK-VQA, openflamingo for VQAv2 (the paper's few-shot protocol; vqa-api: the "
+                   "VQA server's), textvqa for TextVQA, vizwiz for VizWiz")
     p.add_argument("--split", default="test", help="Karpathy / ScienceQA split of the references (default: test)")
     p.add_argument("--partial", action="store_true", help="score only the questions that have a prediction "
                    "(default: an error); the count left out is reported")
@@ -67,8 +71,8 @@ def score_main(argv):
         answers = readers.read_predictions(args.predictions)
         if args.task == "choice":
             records = readers.with_rotations(records, answers)
-        records, missing = readers.match(records, answers, args.predictions, args.partial)
-        results = {**metrics.score(args.task, records, answers), "missing": missing, "format": fmt}
+        records, answers, missing = readers.match(records, answers, args.predictions, args.partial)
+        results = {**metrics.score(args.task, records, answers, args.metric), "missing": missing, "format": fmt}
     except (BadSample, OSError) as e:
         fail(e)
     print(json.dumps(results, indent=1))
@@ -103,7 +107,10 @@ def run_parser():
     g.add_argument("--demo-images", help="their image folder (default: the first demo file's folder)")
     g.add_argument("--seed", type=int, default=42, help="seeds the query set and each question's draw")
     g.add_argument("--query-set-size", type=int, default=2048, help="training records demonstrations come from")
-    g.add_argument("--ocr-tokens", action="store_true", help="TextVQA: list the file's OCR tokens in the question")
+    g.add_argument("--ocr-tokens", action="store_true", help="TextVQA: list the OCR tokens in the question (pass "
+                   "the Rosetta OCR file, TextVQA_Rosetta_OCR_v0.2_val.json, with --data)")
+    g.add_argument("--metric", choices=RULES, help="VQA accuracy rule (default: the benchmark's own evaluator; "
+                   "`eval.py score --help`)")
     g = p.add_argument_group("running")
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     g.add_argument("--max-new-tokens", type=int, help="answer budget (default: plain 5, captions 20; chat 8, "

@@ -167,11 +167,12 @@ def run_benchmark(m, args, path):
     answers.update({str(q.id): q.answer for q in todo})
     if not readers.has_answers(kind, records):
         return None, fmt, len(records)
-    return metrics.score(kind, records, answers), fmt, len(records)
+    return metrics.score(kind, records, answers, args.metric), fmt, len(records)
 
 
 def table(name, task, shots, results):
     """A markdown row like the paper's tables: every top-level number x 100, one decimal."""
     cols = [k for k, v in results.items() if isinstance(v, float)]
     head = "| | task | shots | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 3)
-    return head + f"\n| {name} | {task} | {shots} | " + " | ".join(f"{100 * results[c]:.1f}" for c in cols) + " |"
+    row = f"\n| {name} | {task} | {shots} | " + " | ".join(f"{100 * results[c]:.1f}" for c in cols) + " |"
+    return head + row + (f"\nscored as {results['metric']}" if results.get("metric") else "")
