@@ -4,7 +4,6 @@ the official evaluators' rules: tests/test_official_metrics.py."""
 import base64
 import io
 import json
-import random
 import re
 
 import numpy as np
@@ -193,6 +192,53 @@ def test_readers_read_each_format(files):
     keep = d / "ai2d_test_ids.txt"
     keep.write_text("1\n")
     assert [r["id"] for r in readers.load([d / "ai2d", keep], d)[1]] == ["1.png-0"]
+
+def test_each_benchmark_scores_by_its_own_evaluator(files):
+    ok = json.loads(files["vqa_a_val2014"].read_text())
+    for a in ok["annotations"]:  # OK-VQA's annotations: the typed answer beside the stemmed one
+        a["answers"] = [{**x, "raw_answer": x["answer"]} for x in a["answers"]]
+    expect = {"vqa_a_val2014": "openflamingo", "textvqa": "textvqa", "vizwiz": "vizwiz",
+              "okvqa": "okvqa"}
+    files = {**files, "okvqa": dump(files["root"] / "okvqa" / "mscoco_val2014_annotations.json", ok)}
+    for name, rule in expect.items():
+        records = readers.load([files[name]])[1]
+        said = {str(r["id"]): r["answers"][0] for r in records}
+        assert metrics.score("vqa", records, said)["metric"] == rule, name
+
+
+def test_released_files_as_downloaded(capsys, files, tmp_path):
+    """POPE's answer files (no ids: matched by line), AI2D's ai2d_test_ids.csv, SEED-Bench-2's "Single Image",
+    TextVQA's Rosetta OCR file, NoCaps' domains, a prediction null."""
+    d = files["root"]
+    questions = [r["question"] for r in readers.load([files["pope"]])[1]]
+    pope = dump(tmp_path / "answer.json", [{"question": q.lower(), "answer": a} for q, a in
+                                           zip(questions, ["Yes, there is.", "No.", "no", "no"])], lines=True)
+    code, out, _ = call(capsys, "score", "--task", "pope", "--predictions", pope, "--references", files["pope"])
+    got = json.loads(out)
+    assert code == 0 and got["accuracy"] == 0.75 and got["metric"] == "POPE evaluate.py"
+    short = dump(tmp_path / "short.json", [{"question": questions[0], "answer": "yes"}], lines=True)
+    code, _, errors = call(capsys, "score", "--task", "pope", "--predictions", short, "--references", files["pope"])
+    assert code == 2 and "1 answers by line for 4 questions" in errors[0]
+    other = dump(tmp_path / "other.json", [{"question": "Is there a dog?", "answer": "yes"}] * 4, lines=True)
+    code, _, errors = call(capsys, "score", "--task", "pope", "--predictions", other, "--references", files["pope"])
+    assert code == 2 and "other.json:1" in errors[0] and "question file's order" in errors[0]
+    ids = d / "ai2d_test_ids.csv"
+    ids.write_text("1\n")
+    assert [r["id"] for r in readers.load([d / "ai2d", ids], d)[1]] == ["1.png-0"]
+    seed2 = json.loads(files["seed"].read_text())
+    for q in seed2["questions"]:
+        q["data_type"] = {"image": "Single Image", "video": "Multiple Images"}[q["data_type"]]
+    assert len(readers.load([dump(d / "seed" / "SEED-Bench_v2.json", seed2)], d / "seed")[1]) == 2
+    ocr = dump(tmp_path / "TextVQA_Rosetta_OCR_v0.2_val.json", {"dataset_name": "textvqa", "data": [
+        {"image_id": f"{i:016x}", "ocr_tokens": ["exit", str(i)], "ocr_info": []} for i in range(3)]})
+    plain = json.loads(files["textvqa"].read_text())
+    for q in plain["data"]:
+        del q["ocr_tokens"]
+    fmt, rs = readers.load([dump(tmp_path / "TextVQA_0.5.1_val.json", plain), ocr], d / "textvqa")
+    assert fmt == "textvqa" and [r["ocr_tokens"] for r in rs] == [["exit", "0"], ["exit", "1"], ["exit", "2"]]
+    assert readers.load([files["nocaps"]])[1][0]["domain"] == "in-domain"
+    null = dump(tmp_path / "null.json", [{"question_id": q, "answer": None if q == 10 else "cat"} for q in (10, 11, 20, 21)])
+    assert readers.read_predictions(null)["10"] == ""  # not the string 'None', which normalises to '0'
 
 # -----------------------------------------------------------------------------
 # prompts: the paper's few-shot documents, the chat template
