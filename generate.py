@@ -244,6 +244,75 @@ def trim(fed, stop, pad_id):
     return fed.masked_fill(after, pad_id)[:, :int(ends.max())]
 
 # -----------------------------------------------------------------------------
+# beam search: the paper's decoding for its few-shot benchmarks (OpenFlamingo's evaluation: 3 beams)
+
+
+@torch.no_grad()
+def beam_search(lm, embeds, attention_mask, max_new_tokens, num_beams=3, length_penalty=0.0, stop_ids=None,
+                pad_id=None):
+    """The best of `num_beams` beams per row of the left-padded `embeds` (B, T, C): (tokens (B, n), scores (B,)).
+
+    As transformers' beam search (its defaults: no early stopping): each row keeps its beams in one batch of
+    B * num_beams sequences with one cache, reordered after every step. Each step ranks every beam's
+    continuations by summed log-probability, keeps max(2, 1 + stops) * num_beams of them; those that emit a
+    stop token (or reach max_new_tokens), if among the top num_beams, become finished hypotheses scored
+    sum / length ** length_penalty (length counts the new tokens, the stop token too; OpenFlamingo's
+    evaluation uses 0: no normalisation); the best num_beams of the rest run on. A row is done once its best
+    running beam can no longer beat its worst finished one.
+    """
+    cfg, (B, T, _), device, K = lm.config, embeds.shape, embeds.device, num_beams
+    stop = torch.tensor(stop_ids if stop_ids is not None else cfg.eos_ids, dtype=torch.long, device=device)
+    pad_id = cfg.pad_token_id if pad_id is None else pad_id
+    embeds, attention_mask = embeds.repeat_interleave(K, 0), attention_mask.repeat_interleave(K, 0)
+    lay = layout(cfg, attention_mask, T + max_new_tokens - 1, device)
+    setup_cache(lm, B * K, T + max_new_tokens - 1, dtype=embeds.dtype, device=device)
+    logits, keep = prefill(lm, embeds, lay), max(2, 1 + len(stop)) * K
+    run_seq = torch.full((B, K, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    run_score = torch.zeros(B, K, device=device)
+    run_score[:, 1:] = -1e9  # the K copies start equal: the first step draws from the first only
+    fin_seq, fin_score = run_seq.clone(), torch.full((B, K), -1e9, device=device)
+    fin_done = torch.zeros(B, K, dtype=torch.bool, device=device)
+    improvable, top_k_mask = torch.ones(B, 1, dtype=torch.bool, device=device), torch.arange(keep, device=device) < K
+    for g in range(max_new_tokens):
+        logp = logits.float().log_softmax(-1).view(B, K, -1) + run_score[..., None]
+        V = logp.shape[-1]
+        top, idx = logp.view(B, K * V).topk(keep)  # (B, keep) candidates: beam idx // V, token idx % V
+        cand = run_seq.gather(1, (idx // V)[..., None].expand(-1, -1, max_new_tokens)).clone()
+        cand[:, :, g] = idx % V
+        hits = torch.isin(idx % V, stop) | (g + 1 >= max_new_tokens)
+        run_score, best = (top + hits.float() * -1e9).topk(K)  # the best K that go on
+        run_seq, parent = cand.gather(1, best[..., None].expand(-1, -1, max_new_tokens)), (idx // V).gather(1, best)
+        fin_seq, fin_score, fin_done = finish(fin_seq, fin_score, fin_done, cand, top, hits & top_k_mask,
+                                              improvable, (g + 1) ** length_penalty, K)
+        best_possible = run_score[:, :1] / (g + 1) ** length_penalty
+        worst = torch.where(fin_done, fin_score.min(1, keepdim=True).values, -1e9)
+        improvable = improvable & (best_possible > worst).any(-1, keepdim=True)
+        if not bool(improvable.any()) or bool(hits.all()):
+            break
+        reorder_cache(lm, (parent + torch.arange(B, device=device)[:, None] * K).flatten())
+        s = T + g
+        logits = decode_one_token(lm, run_seq[:, :, g].reshape(-1, 1), lay.slots[s:s + 1], lay.valid,
+                                  lay.positions[:, s:s + 1])
+    clear_cache(lm)
+    return trim(fin_seq[:, 0], stop, pad_id), fin_score[:, 0]
+
+
+def finish(seq, score, done, cand, top, just_done, improvable, norm, K):
+    """Merge the candidates that just finished (scored top / norm) into each row's K finished hypotheses."""
+    new = top / norm + (~improvable).float() * -1e9 + (~just_done).float() * -1e9
+    order = torch.cat([score, new], 1).topk(K).indices
+    seq = torch.cat([seq, cand], 1).gather(1, order[..., None].expand(-1, -1, seq.shape[-1]))
+    return seq, torch.cat([score, new], 1).gather(1, order), torch.cat([done, just_done], 1).gather(1, order)
+
+
+def reorder_cache(lm, rows):
+    """Each beam's cache follows the beam it continues: rows (B * K,) of the new order."""
+    for block in lm.model.layers:
+        cache = block.self_attn.kv_cache
+        cache.k.copy_(cache.k.index_select(0, rows))
+        cache.v.copy_(cache.v.index_select(0, rows))
+
+# -----------------------------------------------------------------------------
 # a CPU memory layout for batch-1 decoding
 
 
