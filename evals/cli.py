@@ -113,6 +113,10 @@ def run_parser():
                    "`eval.py score --help`)")
     g = p.add_argument_group("running")
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (the paper's "
+                   "few-shot results: 3); 1: greedy")
+    g.add_argument("--length-penalty", type=float, default=0.0, help="beam scores are divided by length ** this "
+                   "(OpenFlamingo's evaluation: 0, no normalisation; transformers' default: 1)")
     g.add_argument("--max-new-tokens", type=int, help="answer budget (default: plain 5, captions 20; chat 8, "
                    "short answers 16, captions 60)")
     g.add_argument("--device", default="cpu")

@@ -1,8 +1,10 @@
 """
-A model on a benchmark: batched greedy answers, written as they come, scored when the files hold answers.
+A model on a benchmark: batched answers (greedy, or beam search), written as they come, scored when the files
+hold answers.
 
 - `answer` is the one generation loop (the toy suite's too): prompts of one shape (image count, answer
-  budget) are batched, shortest first, and generated greedily with the KV cache; generation stops at the
+  budget) are batched, shortest first, and generated with the KV cache, greedily or by beam search (3 beams,
+  no length normalisation: OpenFlamingo's evaluation, the paper's few-shot protocol); generation stops at the
   model's stop ids and at `<|endofchunk|>`, the end of an interleaved chunk.
 - The predictions file is JSON lines: a header {"run": {task, checkpoint, data, prompt, shots, ...}}, then one
   line per answer in the challenge's own format ({"question_id", "answer"}, {"image_id", "caption"},
@@ -24,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
+import generate
 import weights
 from evals import metrics, prompts, readers
 from images import BadSample, Images, load_image
@@ -50,8 +53,10 @@ def load_model(path, device="cpu", dtype=None):
     return m, path
 
 
-def answer(m, queries, batch_size, device="cpu", open_image=load_image, done=None, progress=True):
-    """Set q.raw (the decoded new text) and q.answer (stripped) of every query; `done(batch)` after each batch."""
+def answer(m, queries, batch_size, device="cpu", open_image=load_image, done=None, progress=True, num_beams=1,
+           length_penalty=0.0):
+    """Set q.raw (the decoded new text) and q.answer (stripped) of every query; `done(batch)` after each batch.
+    Greedy, or beam search with `num_beams` > 1 (generate.beam_search)."""
     stop = m.stop_ids + [m.tokenizer.token_to_id(END_CHUNK)]
     groups = {}
     for q in queries:
@@ -63,7 +68,9 @@ def answer(m, queries, batch_size, device="cpu", open_image=load_image, done=Non
             chunk = encoded[i:i + batch_size]
             images = [pictures(q, open_image) for _, q in chunk]
             pixels = Images.from_pil(images, m.config).to(device) if any(images) else None
-            out = m.generate([ids for ids, _ in chunk], pixels, max_new_tokens=max_new, stop_ids=stop)
+            out = (m.generate([ids for ids, _ in chunk], pixels, max_new_tokens=max_new, stop_ids=stop)
+                   if num_beams == 1 else beams(m, [ids for ids, _ in chunk], pixels, max_new, stop, num_beams,
+                                                length_penalty))
             for (_, q), row in zip(chunk, out.tolist()):
                 q.raw = m.tokenizer.decode(row, skip_special_tokens=True)
                 q.answer = q.raw.strip()
@@ -71,6 +78,14 @@ def answer(m, queries, batch_size, device="cpu", open_image=load_image, done=Non
                 done([q for _, q in chunk])
             bar.update(len(chunk))
     bar.close()
+
+def beams(m, prompts, pixels, max_new, stop, num_beams, length_penalty):
+    """The best beam of each prompt (the paper's decoding for its few-shot benchmarks)."""
+    ids, mask, images = m.encode_batch(prompts, pixels, padding_side="left")
+    embeds = m.embed(ids, images)
+    return generate.beam_search(m.lang_model, embeds, mask.to(embeds.device), max_new, num_beams, length_penalty,
+                                stop_ids=stop, pad_id=m.config.text.pad_token_id)[0]
+
 
 def pictures(q, open_image):
     try:
@@ -150,7 +165,8 @@ def run_benchmark(m, args, path):
         q.max_new = args.max_new_tokens or q.max_new
     header = {"task": args.task, "checkpoint": str(path), "data": [str(Path(p).resolve()) for p in args.data],
               "prompt": args.prompt, "shots": args.shots, "seed": args.seed, "query_set_size": args.query_set_size,
-              "ocr_tokens": args.ocr_tokens, "circular": args.circular, "max_new_tokens": args.max_new_tokens}
+              "ocr_tokens": args.ocr_tokens, "circular": args.circular, "max_new_tokens": args.max_new_tokens,
+              "num_beams": args.num_beams, "length_penalty": args.length_penalty}
     done = resume(args.predictions, header)
     todo = [q for q in queries if str(q.id) not in done]
     print(f"{len(records)} records, {len(done)} answered before, {len(todo)} to answer -> {args.predictions}",
@@ -162,7 +178,8 @@ def run_benchmark(m, args, path):
                 q.answer = prompts.read_answer(q.raw, kind, args.prompt)
             write(f, fmt, kind, batch)
 
-        answer(m, todo, args.batch_size, args.device, done=finish, progress=not args.quiet)
+        answer(m, todo, args.batch_size, args.device, done=finish, progress=not args.quiet, num_beams=args.num_beams,
+               length_penalty=args.length_penalty)
     answers = {i: r.get("caption", r.get("answer")) for i, r in done.items()}
     answers.update({str(q.id): q.answer for q in todo})
     if not readers.has_answers(kind, records):

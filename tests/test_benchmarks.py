@@ -310,11 +310,12 @@ def call(capsys, *argv):
 
 RUNS = {  # task: (data files, image folder, extra flags, --references for score)
     "vqav2": (["vqa_q_val2014", "vqa_a_val2014"], "coco", ["--prompt", "plain", "--shots", "2", "--demos",
-              "{vqa_q_train2014}", "{vqa_a_train2014}", "--demo-images", "{root}/coco"], ["vqa_a_val2014"]),
+              "{vqa_q_train2014}", "{vqa_a_train2014}", "--demo-images", "{root}/coco", "--num-beams", "3"],
+              ["vqa_a_val2014"]),
     "okvqa": (["vqa_q_val2014", "vqa_a_val2014"], "coco", [], ["vqa_a_val2014"]),
     "textvqa": (["textvqa"], "textvqa", ["--ocr-tokens"], ["textvqa"]),
     "vizwiz": (["vizwiz"], "vizwiz", [], ["vizwiz"]),
-    "coco": (["karpathy"], "coco", ["--prompt", "plain", "--shots", "2"], ["karpathy"]),
+    "coco": (["karpathy"], "coco", ["--prompt", "plain", "--shots", "2", "--num-beams", "3"], ["karpathy"]),
     "nocaps": (["nocaps"], "nocaps/val", [], ["nocaps"]),
     "textcaps": (["textcaps"], "textcaps", [], ["textcaps"]),
     "pope": (["pope"], "coco", [], ["pope"]),
