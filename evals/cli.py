@@ -18,7 +18,7 @@ from pathlib import Path
 import weights
 from evals import metrics, readers
 from evals.vqa import RULES
-from evals.run import TASKS, load_model, run_benchmark, table
+from evals.run import TASKS, average, load_model, run_benchmark, table
 from images import BadSample
 
 KIND_CHOICES = ("vqa", "caption", "pope", "choice")
@@ -107,6 +107,12 @@ def run_parser():
     g.add_argument("--demo-images", help="their image folder (default: the first demo file's folder)")
     g.add_argument("--seed", type=int, default=42, help="seeds the query set and each question's draw")
     g.add_argument("--query-set-size", type=int, default=2048, help="training records demonstrations come from")
+    g.add_argument("--rices", action="store_true", help="choose each record's demonstrations by image similarity "
+                   "(RICES, with the model's own ViT) from the whole training split, instead of at random")
+    g.add_argument("--rices-cache", default="out/eval/rices", help="where the training split's image features "
+                   "are cached (default: out/eval/rices)")
+    g.add_argument("--trials", type=int, default=1, help="run with seeds seed, seed+1, ... and report the mean "
+                   "(OpenFlamingo's --num_trials); each trial has its own predictions file")
     g.add_argument("--ocr-tokens", action="store_true", help="TextVQA: list the OCR tokens in the question (pass "
                    "the Rosetta OCR file, TextVQA_Rosetta_OCR_v0.2_val.json, with --data)")
     g.add_argument("--metric", choices=RULES, help="VQA accuracy rule (default: the benchmark's own evaluator; "
@@ -138,20 +144,23 @@ def run_main(argv, toy):
                  ("--dtype", args.dtype), ("--json", args.json), ("--predictions", args.predictions),
                  ("--name", args.name)]
         return toy([str(x) for k, v in flags if v is not None for x in (k, v)])
-    args.predictions = args.predictions or f"out/eval/{args.task}-{args.prompt}-{args.shots}shot.jsonl"
-    t0 = time.time()
+    base = args.predictions or f"out/eval/{args.task}-{args.prompt}-{args.shots}shot.jsonl"
+    seeds, runs, t0 = [args.seed + t for t in range(args.trials)], [], time.time()
     try:
         m, path = load_model(args.checkpoint, args.device, args.dtype)
-        results, fmt, n = run_benchmark(m, args, path)
+        for args.seed in seeds:  # OpenFlamingo's trials: the same run with another draw of demonstrations
+            args.predictions = base if len(seeds) == 1 else base.replace(".jsonl", "") + f"-seed{args.seed}.jsonl"
+            runs.append(run_benchmark(m, args, path))
     except (BadSample, weights.CheckpointError, ValueError, OSError) as e:
         fail(e)
-    seconds = round(time.time() - t0, 1)
+    seconds, (results, fmt, n) = round(time.time() - t0, 1), runs[0]
     if results is None:
         print(f"{n} answers in {args.predictions}; the files hold no answers to score them against")
     else:
+        results = average([r for r, _, _ in runs]) if len(runs) > 1 else results
         print(table(args.name or str(args.checkpoint), args.task, args.shots, results))
-    print(f"{seconds} s, {args.prompt} prompts, {args.shots} shots, {path}")
+    print(f"{seconds} s, {args.prompt} prompts, {args.shots} shots, seeds {seeds}, {path}")
     dump(args.json, {"metrics": results, "task": args.task, "format": fmt, "checkpoint": str(path),
-                     "prompt": args.prompt, "shots": args.shots, "seed": args.seed, "limit": args.limit,
+                     "prompt": args.prompt, "shots": args.shots, "seeds": seeds, "limit": args.limit,
                      "predictions": args.predictions, "seconds": seconds})
     return results

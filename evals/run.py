@@ -28,7 +28,7 @@ from tqdm import tqdm
 import checkpoint
 import generate
 import weights
-from evals import metrics, prompts, readers
+from evals import metrics, prompts, readers, rices
 from images import BadSample, Images, load_image
 from model import XGenMM
 from tokenizer import END_CHUNK
@@ -153,20 +153,31 @@ def records_for(args):
         pool = readers.load(args.data, images, split="train")[1]  # the same file's training split
     if not readers.has_answers(kind, pool):
         raise BadSample(where, "the demonstrations have no answers (VQA: pass the annotations file too)", "no answers")
-    return fmt, kind, records, prompts.query_set(pool, args.seed, args.query_set_size)
+    return fmt, kind, records, pool
+
+
+def queries_for(m, args, path, kind, records, pool):
+    """Each record's prompt: demonstrations drawn from the query set, or by RICES from the whole pool."""
+    if not args.rices:
+        pool = prompts.query_set(pool, args.seed, args.query_set_size)
+        return [prompts.build(r, kind, args.prompt, args.shots, pool, args.seed, args.task, args.ocr_tokens)
+                for r in records]
+    k = prompts.how_many(args.shots, args.prompt, pool)
+    chosen = rices.choose(m, records, pool, k, path, args.rices_cache)
+    return [prompts.build(r, kind, args.prompt, args.shots, task=args.task, ocr=args.ocr_tokens,
+                          chosen=chosen[str(r["id"])]) for r in records]
 
 
 def run_benchmark(m, args, path):
     """Answer every record (resuming from args.predictions), then score: (metrics or None, format, count)."""
     fmt, kind, records, pool = records_for(args)
-    queries = [prompts.build(r, kind, args.prompt, args.shots, pool, args.seed, args.task, args.ocr_tokens)
-               for r in records]
+    queries = queries_for(m, args, path, kind, records, pool)
     for q in queries:
         q.max_new = args.max_new_tokens or q.max_new
     header = {"task": args.task, "checkpoint": str(path), "data": [str(Path(p).resolve()) for p in args.data],
               "prompt": args.prompt, "shots": args.shots, "seed": args.seed, "query_set_size": args.query_set_size,
               "ocr_tokens": args.ocr_tokens, "circular": args.circular, "max_new_tokens": args.max_new_tokens,
-              "num_beams": args.num_beams, "length_penalty": args.length_penalty}
+              "num_beams": args.num_beams, "length_penalty": args.length_penalty, "rices": args.rices}
     done = resume(args.predictions, header)
     todo = [q for q in queries if str(q.id) not in done]
     print(f"{len(records)} records, {len(done)} answered before, {len(todo)} to answer -> {args.predictions}",
@@ -193,3 +204,12 @@ def table(name, task, shots, results):
     head = "| | task | shots | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 3)
     row = f"\n| {name} | {task} | {shots} | " + " | ".join(f"{100 * results[c]:.1f}" for c in cols) + " |"
     return head + row + (f"\nscored as {results['metric']}" if results.get("metric") else "")
+
+
+def average(runs):
+    """The mean of each top-level number over trials (OpenFlamingo reports the mean of its trials), with each
+    trial's value under "trials"."""
+    numbers = [k for k, v in runs[0].items() if isinstance(v, float)]
+    return {**runs[0], **{k: sum(r[k] for r in runs) / len(runs) for k in numbers},
+            "trials": {k: [r[k] for r in runs] for k in numbers}}
+

@@ -8,11 +8,13 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import eval as ev
 import model
-from evals import metrics, prompts, readers
+from evals import metrics, prompts, readers, rices
+from evals import run as evals_run
 from reference import write_tokenizer
 from tokenizer import chat_prompt
 
@@ -354,6 +356,33 @@ def test_run_then_score_each_benchmark(capsys, files, tmp_path, task):
                                 *[path_of(files, n) for n in refs])
     assert code == 0, errors
     assert json.loads(stdout) == {**saved["metrics"], "missing": 0, "format": json.loads(stdout)["format"]}
+
+
+def test_rices_chooses_the_nearest_images_and_caches_them(files, tmp_path, monkeypatch):
+    """The training record whose image is the record's own comes last (nearest the question); the pool's
+    features are read back from the cache on a second call."""
+    m = evals_run.load_model(files["ckpt"])[0]
+    pool = readers.load([files["karpathy"]], files["root"] / "coco", split="train")[1]  # cocoids 3, 4, 5
+    record = {**pool[1], "id": "q"}  # the image of pool record 4
+    chosen = rices.choose(m, [record], pool, 2, "ckpt", tmp_path)["q"]
+    assert chosen[-1]["id"] == 4 and len(chosen) == 2
+    assert torch.equal(rices.nearest(torch.eye(3)[[2]], torch.eye(3), 3), torch.tensor([[1, 0, 2]]))
+    real = rices.image_features
+    monkeypatch.setattr(rices, "image_features", lambda m, recs, *a: real(m, recs) if len(recs) == 1 else 1 / 0)
+    assert rices.choose(m, [record], pool, 2, "ckpt", tmp_path)["q"] == chosen  # the pool from the cache
+
+
+def test_run_with_rices_and_trials(capsys, files, tmp_path):
+    preds, out = tmp_path / "coco.jsonl", tmp_path / "r.json"
+    code, stdout, errors = call(capsys, "run", "--checkpoint", files["ckpt"], "--task", "coco", "--data",
+                                files["karpathy"], "--images", files["root"] / "coco", "--prompt", "plain", "--shots",
+                                2, "--rices", "--rices-cache", tmp_path / "cache", "--trials", 2, "--predictions",
+                                preds, "--json", out, "--max-new-tokens", 3, "--quiet")
+    assert code == 0, errors
+    saved = json.loads(out.read_text())
+    assert saved["seeds"] == [42, 43] and len(saved["metrics"]["trials"]["CIDEr"]) == 2
+    assert (tmp_path / "coco-seed42.jsonl").is_file() and (tmp_path / "coco-seed43.jsonl").is_file()
+    assert list((tmp_path / "cache").glob("rices-*.pt"))
 
 
 def test_run_resumes_where_it_stopped(capsys, files, tmp_path, monkeypatch):
