@@ -232,3 +232,22 @@ def test_nocaps_cider_by_domain_equals_pycocoevalcap_on_each_domain():
         ids = [i for i in refs if i % 3 == k]
         want, _ = Cider().compute_score({i: refs[i] for i in ids}, {i: [cands[i]] for i in ids})
         assert out["CIDEr_by_domain"][d] == pytest.approx(want, abs=1e-9)
+
+
+def test_cider_through_java_ptb_equals_ours_on_punctuation_heavy_captions():
+    """pycocoevalcap end to end (the Java tokenizer, then Cider and Bleu) against metrics.score on 20 images of
+    punctuation-heavy captions."""
+    ptb = pytest.importorskip("pycocoevalcap.tokenizer.ptbtokenizer")
+    Cider, Bleu = pytest.importorskip("pycocoevalcap.cider.cider").Cider, pytest.importorskip("pycocoevalcap.bleu.bleu").Bleu
+    if shutil.which("java") is None:
+        pytest.skip("no Java")
+    rng = random.Random(1)
+    caption = lambda: " ".join(rng.choice(HARD) for _ in range(rng.randint(3, 8)))
+    refs = {i: [caption() for _ in range(5)] for i in range(20)}
+    cands = {i: rng.choice(refs[i]) if i % 3 == 0 else caption() for i in range(20)}
+    tok = ptb.PTBTokenizer()
+    gts = tok.tokenize({i: [{"caption": c} for c in refs[i]] for i in refs})
+    res = tok.tokenize({i: [{"caption": cands[i]}] for i in cands})
+    want_cider, want_bleu = Cider().compute_score(gts, res)[0], Bleu(4).compute_score(gts, res, verbose=0)[0][3]
+    got = metrics.score("caption", [{"id": i, "captions": refs[i]} for i in refs], {str(i): c for i, c in cands.items()})
+    assert got["CIDEr"] == pytest.approx(want_cider, abs=1e-9) and got["BLEU-4"] == pytest.approx(want_bleu, abs=1e-9)
