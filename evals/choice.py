@@ -8,7 +8,7 @@ version the paper's numbers come from), without its optional GPT judge ("exact m
   does, 'Z'. Else the one option whose text (lower case) the answer (lower case) contains. Else no letter,
   which scores as wrong ("The answer is B because A is wrong." names two letters: none).
 - Circular evaluation (MMBench): rotation k of question i has index i + k * 1,000,000; a question is right
-  only if every rotation is. Its per-category figures are circular too (a group's category is its question's).
+  only if every rotation is. Its per-category figures (category and l2-category) are circular too.
 
 References: MMBench (arXiv 2307.06281); VLMEvalKit vlmeval/utils/matching_util.py (can_infer) and
 vlmeval/dataset/utils/multiple_choice.py (circular groups, report_acc), as of 2024.
@@ -60,28 +60,28 @@ def is_rotation_id(i):
 
 
 def circular_groups(right, records):
-    """{question index: (all rotations right?, category)} from {str(id): right?} over the records."""
+    """{question index: [all rotations right?, its record]} from {str(id): right?} over the records."""
     groups = {}
     for r in records:
-        key = int(r["id"]) % CIRCULAR
-        ok, category = groups.get(key, (True, None))
-        groups[key] = (ok and right[str(r["id"])], category or r.get("category"))  # rotations keep it
+        group = groups.setdefault(int(r["id"]) % CIRCULAR, [True, r])
+        group[0] = group[0] and right[str(r["id"])]
     return groups
 
 
 def choice_scores(said, records):
-    """accuracy (each record), circular_accuracy and by_category (circular where the records rotate)."""
+    """accuracy (each record), circular_accuracy, and accuracy by category and by l2-category (MMBench's two
+    levels; circular where the records rotate, as VLMEvalKit's report_acc)."""
     right = {str(r["id"]): choice_letter(a, r["options"]) == r["answer"] for a, r in zip(said, records)}
     out = {"accuracy": mean(right.values())}
     if any(is_rotation_id(r["id"]) for r in records):
-        groups = circular_groups(right, records)
-        out["circular_accuracy"] = mean(ok for ok, _ in groups.values())
-        pairs = list(groups.values())
+        pairs = list(circular_groups(right, records).values())
+        out["circular_accuracy"] = mean(ok for ok, _ in pairs)
     else:
-        pairs = [(right[str(r["id"])], r.get("category")) for r in records]
-    categories = {c for _, c in pairs} - {None}
-    if len(categories) > 1:
-        out["by_category"] = {c: mean(ok for ok, k in pairs if k == c) for c in sorted(categories)}
+        pairs = [(right[str(r["id"])], r) for r in records]
+    for field in ("category", "l2_category"):
+        values = {r.get(field) for _, r in pairs} - {None}
+        if len(values) > 1:
+            out[f"by_{field}"] = {v: mean(ok for ok, r in pairs if r.get(field) == v) for v in sorted(values)}
     return out
 
 

@@ -50,7 +50,8 @@ def mmbench(path, images):
             hint = r.get("hint", "")
             out.append({"id": int(index) if index.lstrip("-").isdigit() else index, "question": question,
                         "hint": "" if hint == "nan" else hint, "options": options, "answer": r.get("answer") or None,
-                        "category": r.get("category"), "image": r.get("image_path"), "where": where})
+                        "category": r.get("category"), "l2_category": r.get("l2-category"),
+                        "image": r.get("image_path"), "where": where})
     for r in out:
         where = r.pop("where")
         if r["image"] is not None:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import weights
 from evals import metrics, readers
-from evals.vqa import RULES
 from evals.run import TASKS, average, load_model, run_benchmark, table
+from evals.vqa import RULES
 from images import BadSample
 
 KIND_CHOICES = ("vqa", "caption", "pope", "choice")

@@ -182,6 +182,7 @@ def test_readers_read_each_format(files):
     assert fmt == "pope" and [r["label"] for r in rs] == ["yes", "no", "yes", "no"]
     fmt, rs = readers.load([files["mmbench"]], d)
     assert fmt == "mmbench" and rs[0]["options"] == {"A": "red", "B": "green", "C": "blue"} and rs[0]["hint"] == ""
+    assert rs[0]["category"] == "attribute" and rs[0]["l2_category"] == "c"
     assert rs[1]["hint"] == "Look closely." and rs[1]["question"] == "Which one?\nPick one."
     assert rs[2]["image"] == rs[0]["image"]  # the short cell names row 0
     assert Image.open(io.BytesIO(rs[2]["image"])).size == (40, 30)

@@ -195,19 +195,22 @@ def test_choice_letter_as_vlmevalkit(answer, letter):
 
 
 def test_circular_rotations_and_categories():
-    record = {"id": 7, "options": dict(OPTIONS), "answer": "B", "category": "color"}
+    record = {"id": 7, "options": dict(OPTIONS), "answer": "B", "category": "color", "l2_category": "perception"}
     rotations = [choice.rotate(record, k) for k in range(4)]
     assert [r["id"] for r in rotations] == [7, 1_000_007, 2_000_007, 3_000_007]
     assert {r["options"][r["answer"]] for r in rotations} == {"a blue bus"}  # the answer follows its text
     assert [r["answer"] for r in rotations] == ["B", "A", "D", "C"]
-    other = [choice.rotate({"id": 8, "options": dict(OPTIONS), "answer": "C", "category": "count"}, k) for k in range(4)]
-    third = [choice.rotate({"id": 9, "options": dict(OPTIONS), "answer": "D", "category": "count"}, k) for k in range(4)]
+    other = [choice.rotate({"id": 8, "options": dict(OPTIONS), "answer": "C", "category": "count",
+                            "l2_category": "perception"}, k) for k in range(4)]
+    third = [choice.rotate({"id": 9, "options": dict(OPTIONS), "answer": "D", "category": "count",
+                            "l2_category": "reasoning"}, k) for k in range(4)]
     records = rotations + other + third
     said = [r["answer"] for r in records]
     said[2] = "Z"  # question 7 fails one rotation; 8 and 9 pass every one
     out = metrics.score("choice", records, {str(r["id"]): a for r, a in zip(records, said)})
     assert out["accuracy"] == pytest.approx(11 / 12) and out["circular_accuracy"] == pytest.approx(2 / 3)
     assert out["by_category"] == {"color": 0.0, "count": 1.0}  # circular per category, as VLMEvalKit reports
+    assert out["by_l2_category"] == {"perception": 0.5, "reasoning": 1.0}
 
 
 def test_partial_leaves_out_a_circular_question_missing_a_rotation():
