@@ -2,7 +2,9 @@
 Decoding, for Phi-3 alone and for the whole xGen-MM: a static KV cache, prefill, one-token steps, sampling.
 
 - The cache is preallocated per layer, (B, kv_heads, max_len, head_dim), and written in place at the slots
-  being decoded: every step has the same shapes, so torch.compile can take the step (gpt-fast's way).
+  being decoded: every step has the same shapes, so torch.compile can take the step (gpt-fast's way). The
+  cache and the compiled step outlive a call: the next call of the same batch and length reuses both, so an
+  evaluation loop under CUDA graphs records its step once (`clear_cache` frees the cache).
 - Prompts of different lengths are left-padded, so every row's next token lands in the same slot. Padding
   slots are hidden from every query, and a row's positions count its own tokens only (position = slot -
   its padding): each row decodes as if it were alone, which the tests check.
@@ -12,14 +14,21 @@ Decoding, for Phi-3 alone and for the whole xGen-MM: a static KV cache, prefill,
   cached keys are then recomputed once, as the reference does.
 - `decode_layout`: a memory-layout trick for batch-1 decoding on a CPU, in fp32.
 
-phi3.Phi3.generate (token ids in) and model.XGenMM.generate (ids with the images spliced in, as embeddings)
-are thin methods over `generate` and `decode` below. References: gpt-fast's generate.py; transformers'
-generate (the numerical reference in the tests).
+The order of a call: `generate` (ids) or `decode` (embeddings) -> `setup_cache` -> `prefill` ->
+`decode_n_tokens`, which calls `decode_one_token` and `sample` once per new token. phi3.Phi3.generate
+(token ids in) and model.XGenMM.generate (ids with the images spliced in, as embeddings) are thin methods
+over `generate` and `decode`. References: gpt-fast's generate.py; transformers' generate (the numerical
+reference in the tests).
 """
+import functools
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-from tokenizer import pad_batch
+from tokenizer import pad_batch, round_up
+
+COMPILED_LEN = 256  # a compiled step has static shapes: its cache length is a multiple of this, so calls share it
 
 # -----------------------------------------------------------------------------
 # the cache
@@ -41,28 +50,81 @@ class KVCache(nn.Module):
 
 
 def setup_cache(lm, batch, max_len, dtype=None, device=None):
-    """Give every attention layer of the Phi-3 `lm` a fresh cache of `max_len` slots."""
+    """Give every attention layer of the Phi-3 `lm` a cache of `max_len` slots, keeping the one it has when
+    that one has the same shape, dtype and device (stale slots are never read: a query sees only the slots
+    written before it). Returns whether the cache was kept."""
     p, cfg = lm.lm_head.weight, lm.config
+    shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+    dtype, device = dtype or p.dtype, torch.device(device or p.device)
+    old = lm.model.layers[0].self_attn.kv_cache
+    if old is not None and old.k.shape == shape and old.k.dtype == dtype and old.k.device == device:
+        return True
     for block in lm.model.layers:
-        block.self_attn.kv_cache = KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim,
-                                           dtype or p.dtype, device or p.device)
+        block.self_attn.kv_cache = None  # free the old cache before the new one is allocated
+    for block in lm.model.layers:
+        block.self_attn.kv_cache = KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype, device)
+    return False
 
 
 def clear_cache(lm):
+    """Free the cache (a later call allocates a new one)."""
     for block in lm.model.layers:
         block.self_attn.kv_cache = None
 
+
+@dataclass
+class Layout:
+    """Where a left-padded batch sits in the cache: slots 0..T-1 hold the prompts, new token i goes to slot T + i."""
+    valid: torch.Tensor      # (B, max_len) bool: the slots that hold a row's own tokens (padding is hidden)
+    positions: torch.Tensor  # (B, max_len) long: each slot's position in its row, slot - padding (>= 0)
+    slots: torch.Tensor      # (max_len,) 0, 1, ...: input_pos of any step is a view of it, no host copy
+    prompt_len: int          # T
+    longrope_at: int | None  # the slot at which LongRoPE switches to its long factors, if it does
+
+
+def check_left_padded(mask):
+    """(B, T) 0/1 mask -> (B,) padding per row; each row must read 0...0 1...1."""
+    offset = (mask == 0).sum(1)
+    if not torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device)[None] >= offset[:, None]):
+        raise ValueError("generation needs left padding: each attention_mask row must be 0…0 1…1")
+    return offset
+
+
+def layout(cfg, attention_mask, max_len, device):
+    """The Layout of a left-padded batch with mask (B, T) in a cache of `max_len` slots."""
+    B, T = attention_mask.shape
+    offset = check_left_padded(attention_mask.cpu())  # on the host, once: the loop never waits on it
+    longrope_at = cfg.original_max_position_embeddings + int(offset.min()) if cfg.rope_scaling else None
+    offset = offset.to(device)
+    valid = torch.ones(B, max_len, dtype=torch.bool, device=device)
+    valid[:, :T] = attention_mask.to(device).bool()
+    slots = torch.arange(max_len, device=device)
+    positions = (slots[None, :] - offset[:, None]).clamp(min=0)
+    return Layout(valid, positions, slots, T, longrope_at)
+
 # -----------------------------------------------------------------------------
-# one step, and the next token
+# prefill, one step, the next token
 
 
-def decode_step(lm, tok, input_pos, valid, offset):
-    """One cached step: tokens (B, 1) at slot input_pos (1,) -> logits (B, V). Static shapes (compilable).
+def prefill(lm, embeds, lay):
+    """The prompts' embeddings (B, T, C) into the cache at slots 0..T-1 -> the logits (B, V) of the next token."""
+    T = lay.prompt_len
+    return lm(embeds=embeds, input_pos=lay.slots[:T], attention_mask=lay.valid, position_ids=lay.positions[:, :T],
+              last_only=True)[:, -1]
 
-    valid (B, max_len): the slots that hold a row's tokens; offset (B,): each row's left padding.
+
+def decode_one_token(lm, tok, input_pos, valid, pos):
+    """One cached step: tokens (B, 1) at slot input_pos (1,), positions pos (B, 1) -> logits (B, V).
+
+    valid (B, max_len): the slots that hold a row's tokens. Static shapes: this is what torch.compile takes.
     """
-    pos = (input_pos[None, :] - offset[:, None]).clamp(min=0)
     return lm(tok, input_pos=input_pos, attention_mask=valid, position_ids=pos)[:, -1]
+
+
+@functools.cache
+def compiled_step(mode):
+    """`decode_one_token` through torch.compile, built once per process and mode and kept across calls."""
+    return torch.compile(decode_one_token, mode=mode, dynamic=False)
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -81,8 +143,42 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
+
+def relayout_longrope(lm, embeds, fed, lay, slot):
+    """LongRoPE switches to its long factors at `slot`: recompute every cached key, as the reference does, from
+    the prompts' embeddings and the tokens fed so far -> the logits (B, V) at `slot`."""
+    seq = torch.cat([embeds, lm.model.embed_tokens(torch.stack(fed, 1))], 1)
+    return lm(embeds=seq, input_pos=lay.slots[:slot + 1], attention_mask=lay.valid,
+              position_ids=lay.positions[:, :slot + 1])[:, -1]
+
 # -----------------------------------------------------------------------------
 # the loop
+
+
+def decode_n_tokens(lm, logits, embeds, lay, n, stop, step=decode_one_token, every=1, callback=None, **sampling):
+    """From the prefill's logits, up to `n` tokens per row: (tokens (B, k) as fed, k <= n).
+
+    A row has stopped once it emitted one of `stop` (a tensor of ids); its later tokens are still decoded
+    (the batch is static) and masked by the caller. The loop ends after `n` tokens or once every row has
+    stopped, asked every `every` steps (asking makes the host wait for the device). `callback(tok, done)`
+    sees each step's tokens and which rows had stopped before it.
+    """
+    T, fed = lay.prompt_len, []
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    for i in range(n):
+        tok = sample(logits, **sampling)
+        fed.append(tok)  # finished rows keep decoding (static batch); their tokens are hidden by the caller
+        if callback is not None:
+            callback(tok, done)
+        done = done | torch.isin(tok, stop)
+        if i == n - 1 or ((i + 1) % every == 0 and bool(done.all())):
+            break
+        s = T + i
+        if s == lay.longrope_at:
+            logits = relayout_longrope(lm, embeds, fed, lay, s)
+        else:
+            logits = step(lm, tok[:, None], lay.slots[s:s + 1], lay.valid, lay.positions[:, s:s + 1])
+    return torch.stack(fed, dim=1)
 
 
 def left_pad(prompts, pad_id):
@@ -107,14 +203,6 @@ def generate(lm, prompts, max_new_tokens, attention_mask=None, **options):
     return decode(lm, lm.model.embed_tokens(idx), mask, max_new_tokens, **options)
 
 
-def check_left_padded(mask):
-    """(B, T) 0/1 mask -> (B,) padding per row; each row must read 0...0 1...1."""
-    offset = (mask == 0).sum(1)
-    if not torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device)[None] >= offset[:, None]):
-        raise ValueError("generation needs left padding: each attention_mask row must be 0…0 1…1")
-    return offset
-
-
 @torch.no_grad()
 def decode(lm, embeds, attention_mask, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=None,
            pad_id=None, generator=None, callback=None, compile=False):
@@ -124,63 +212,105 @@ def decode(lm, embeds, attention_mask, max_new_tokens, temperature=0.0, top_k=No
     config and generation_config.json) and is filled with `pad_id` afterwards. `callback(tokens)` sees each
     step's (B,) tokens; `compile` runs the static-shape step through torch.compile.
     """
-    cfg = lm.config
-    B, T, _ = embeds.shape
-    device = embeds.device
+    cfg, (B, T, _), device = lm.config, embeds.shape, embeds.device
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     max_len = T + max_new_tokens - 1  # the last sampled token is never fed back
     if max_len > cfg.max_position_embeddings:
         raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"{cfg.max_position_embeddings} positions")
-    if compile:  # the compiled step has static shapes: round the cache up so most calls reuse one graph
-        max_len = min(-(-max_len // 256) * 256, cfg.max_position_embeddings)
+    if compile:  # round the length up so that most calls share one cache and one graph
+        max_len = min(round_up(max_len, COMPILED_LEN), cfg.max_position_embeddings)
     stop = torch.tensor(stop_ids if stop_ids is not None else cfg.eos_ids, dtype=torch.long, device=device)
     pad_id = cfg.pad_token_id if pad_id is None else pad_id
-    offset = check_left_padded(attention_mask.cpu())  # on the host, once: the loop below never waits on it
-    longrope_at = cfg.original_max_position_embeddings + int(offset.min()) if cfg.rope_scaling else None
-    offset = offset.to(device)
-    valid = torch.ones(B, max_len, dtype=torch.bool, device=device)  # slots holding a row's own tokens
-    valid[:, :T] = attention_mask.to(device).bool()
-    slots = torch.arange(max_len, device=device)  # step i writes slot T + i: a view, no copy from the host
+    lay = layout(cfg, attention_mask, max_len, device)
+    setup_cache(lm, B, max_len, dtype=embeds.dtype, device=device)
     # a GPU step takes milliseconds, and asking "has every row stopped?" makes the host wait for the device:
     # there it asks every 8 steps (the extra steps' tokens are hidden as padding and trimmed), on a CPU every step
     every = 1 if device.type == "cpu" or callback is not None else 8
-    setup_cache(lm, B, max_len, dtype=embeds.dtype, device=device)
-    mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs: one launch per step
-    step = torch.compile(decode_step, mode=mode, dynamic=False) if compile else decode_step
-    try:
-        prompt_pos = (slots[None, :T] - offset[:, None]).clamp(min=0)
-        logits = lm(embeds=embeds, input_pos=slots[:T], attention_mask=valid, position_ids=prompt_pos,
-                    last_only=True)[:, -1]
-        fed, out, done = [], [], torch.zeros(B, dtype=torch.bool, device=device)
-        for i in range(max_new_tokens):
-            tok = sample(logits, temperature, top_k, top_p, generator)
-            fed.append(tok)  # finished rows keep decoding (static batch); their tokens are hidden below
-            out.append(torch.where(done, torch.full_like(tok, pad_id), tok))
-            if callback is not None:
-                callback(out[-1])
-            done = done | torch.isin(tok, stop)
-            if i == max_new_tokens - 1 or ((i + 1) % every == 0 and bool(done.all())):
-                break
-            pos = T + i
-            if pos == longrope_at:
-                # LongRoPE switches to its long factors here: recompute every cached key, as the reference does
-                seq = torch.cat([embeds, lm.model.embed_tokens(torch.stack(fed, 1))], 1)
-                logits = lm(embeds=seq, input_pos=slots[:pos + 1], attention_mask=valid,
-                            position_ids=(slots[None, :pos + 1] - offset[:, None]).clamp(min=0))[:, -1]
-            else:
-                logits = step(lm, tok[:, None], slots[pos:pos + 1], valid, offset)
-        return trim(torch.stack(out, dim=1), torch.stack(fed, dim=1), stop)
-    finally:
-        clear_cache(lm)
+    step = compiled_step("reduce-overhead" if device.type == "cuda" else None) if compile else decode_one_token
+    shown = None if callback is None else lambda tok, done: callback(tok.masked_fill(done, pad_id))
+    fed = decode_n_tokens(lm, prefill(lm, embeds, lay), embeds, lay, max_new_tokens, stop, step, every, shown,
+                          temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    return trim(fed, stop, pad_id)
 
 
-def trim(out, fed, stop):
-    """Drop the trailing steps in which every row had already stopped (on a GPU the loop asks only now and then)."""
+def trim(fed, stop, pad_id):
+    """Tokens as fed (B, n) -> each row padded after its first stop token, and the trailing steps in which every
+    row had already stopped dropped (on a GPU the loop asks only now and then)."""
     stopped = torch.isin(fed, stop)
+    after = stopped.cumsum(1) - stopped.long() > 0  # steps after a row's first stop token
     ends = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, fed.shape[1])  # each row's length
-    return out[:, :int(ends.max())]
+    return fed.masked_fill(after, pad_id)[:, :int(ends.max())]
+
+# -----------------------------------------------------------------------------
+# beam search: the paper's decoding for its few-shot benchmarks (OpenFlamingo's evaluation: 3 beams)
+
+
+@torch.no_grad()
+def beam_search(lm, embeds, attention_mask, max_new_tokens, num_beams=3, length_penalty=0.0, stop_ids=None,
+                pad_id=None):
+    """The best of `num_beams` beams per row of the left-padded `embeds` (B, T, C): (tokens (B, n), scores (B,)).
+
+    As transformers' beam search (its defaults: no early stopping): each row keeps its beams in one batch of
+    B * num_beams sequences with one cache, reordered after every step. Each step ranks every beam's
+    continuations by summed log-probability, keeps max(2, 1 + stops) * num_beams of them; those that emit a
+    stop token (or reach max_new_tokens), if among the top num_beams, become finished hypotheses scored
+    sum / length ** length_penalty (length counts the new tokens, the stop token too; OpenFlamingo's
+    evaluation uses 0: no normalisation); the best num_beams of the rest run on. A row is done once its best
+    running beam can no longer beat its worst finished one.
+    """
+    cfg, (B, T, _), device, K = lm.config, embeds.shape, embeds.device, num_beams
+    stop = torch.tensor(stop_ids if stop_ids is not None else cfg.eos_ids, dtype=torch.long, device=device)
+    pad_id = cfg.pad_token_id if pad_id is None else pad_id
+    embeds, attention_mask = embeds.repeat_interleave(K, 0), attention_mask.repeat_interleave(K, 0)
+    lay = layout(cfg, attention_mask, T + max_new_tokens - 1, device)
+    setup_cache(lm, B * K, T + max_new_tokens - 1, dtype=embeds.dtype, device=device)
+    logits, keep = prefill(lm, embeds, lay), max(2, 1 + len(stop)) * K
+    run_seq = torch.full((B, K, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    run_score = torch.zeros(B, K, device=device)
+    run_score[:, 1:] = -1e9  # the K copies start equal: the first step draws from the first only
+    fin_seq, fin_score = run_seq.clone(), torch.full((B, K), -1e9, device=device)
+    fin_done = torch.zeros(B, K, dtype=torch.bool, device=device)
+    improvable, top_k_mask = torch.ones(B, 1, dtype=torch.bool, device=device), torch.arange(keep, device=device) < K
+    for g in range(max_new_tokens):
+        logp = logits.float().log_softmax(-1).view(B, K, -1) + run_score[..., None]
+        V = logp.shape[-1]
+        top, idx = logp.view(B, K * V).topk(keep)  # (B, keep) candidates: beam idx // V, token idx % V
+        cand = run_seq.gather(1, (idx // V)[..., None].expand(-1, -1, max_new_tokens)).clone()
+        cand[:, :, g] = idx % V
+        hits = torch.isin(idx % V, stop) | (g + 1 >= max_new_tokens)
+        run_score, best = (top + hits.float() * -1e9).topk(K)  # the best K that go on
+        run_seq, parent = cand.gather(1, best[..., None].expand(-1, -1, max_new_tokens)), (idx // V).gather(1, best)
+        fin_seq, fin_score, fin_done = finish(fin_seq, fin_score, fin_done, cand, top, hits & top_k_mask,
+                                              improvable, (g + 1) ** length_penalty, K)
+        best_possible = run_score[:, :1] / (g + 1) ** length_penalty
+        worst = torch.where(fin_done, fin_score.min(1, keepdim=True).values, -1e9)
+        improvable = improvable & (best_possible > worst).any(-1, keepdim=True)
+        if not bool(improvable.any()) or bool(hits.all()):
+            break
+        reorder_cache(lm, (parent + torch.arange(B, device=device)[:, None] * K).flatten())
+        s = T + g
+        logits = decode_one_token(lm, run_seq[:, :, g].reshape(-1, 1), lay.slots[s:s + 1], lay.valid,
+                                  lay.positions[:, s:s + 1])
+    clear_cache(lm)
+    return trim(fin_seq[:, 0], stop, pad_id), fin_score[:, 0]
+
+
+def finish(seq, score, done, cand, top, just_done, improvable, norm, K):
+    """Merge the candidates that just finished (scored top / norm) into each row's K finished hypotheses."""
+    new = top / norm + (~improvable).float() * -1e9 + (~just_done).float() * -1e9
+    order = torch.cat([score, new], 1).topk(K).indices
+    seq = torch.cat([seq, cand], 1).gather(1, order[..., None].expand(-1, -1, seq.shape[-1]))
+    return seq, torch.cat([score, new], 1).gather(1, order), torch.cat([done, just_done], 1).gather(1, order)
+
+
+def reorder_cache(lm, rows):
+    """Each beam's cache follows the beam it continues: rows (B * K,) of the new order."""
+    for block in lm.model.layers:
+        cache = block.self_attn.kv_cache
+        cache.k.copy_(cache.k.index_select(0, rows))
+        cache.v.copy_(cache.v.index_select(0, rows))
 
 # -----------------------------------------------------------------------------
 # a CPU memory layout for batch-1 decoding
@@ -190,12 +320,12 @@ def decode_layout(lm, enable=True):
     """Lay out each wide Linear weight of `lm` column-major (a contiguous transpose viewed back as (out, in)).
 
     Batch-1 decoding is one matrix-vector product per weight, bound by how fast the weights stream from
-    memory, and the CPU kernels stream fastest along the longer side of the matrix: measured on a 2-core
-    machine, qkv_proj / gate_up_proj / lm_head (out > in) ran at 19-25 GB/s column-major against 13-16
-    GB/s as stored; down_proj (in > out) is faster as stored, so it stays. Names, shapes and values are
-    unchanged. fp32 only: bf16 products take a slow path on column-major weights on such a CPU (~36x slower
-    per step). Training GEMMs are ~15% slower in this layout, so it is opt-in, for sampling;
-    `decode_layout(lm, False)` restores it (do that before saving: safetensors wants contiguous tensors).
+    memory, and a CPU's kernels stream fastest along the longer side of the matrix: qkv_proj, gate_up_proj
+    and lm_head (out > in) read faster column-major; down_proj (in > out) is faster as stored, so it stays
+    (docs/benchmarks.md has the figures). Names, shapes and values are unchanged. fp32 only: bf16 products
+    take a slow path on column-major weights on a CPU. Training GEMMs are slower in this layout, so it is
+    opt-in, for sampling; `decode_layout(lm, False)` restores it (do that before saving: safetensors wants
+    contiguous tensors).
     """
     for m in lm.modules():
         if isinstance(m, nn.Linear) and m.out_features > m.in_features:

@@ -209,7 +209,7 @@ class Attention(nn.Module):
         # q and k heads rotated in one go; the result is contiguous in the layout attention reads
         q, k = apply_rope(qkv[:, : self.n_head + self.n_kv], cos, sin).split((self.n_head, self.n_kv), dim=1)
         v = qkv[:, self.n_head + self.n_kv:]
-        if self.kv_cache is not None:
+        if input_pos is not None:  # cached decoding (a cache left from an earlier call is not touched otherwise)
             k, v = self.kv_cache.update(input_pos, k, v)
         p = self.cfg.attention_dropout if self.training else 0.0
         y = attention(q, k, v, mask, dropout_p=p)  # (B, heads, T, head_dim); kv heads shared by groups (GQA)

@@ -442,6 +442,11 @@ def place_images(text, n):
     return text
 
 
+def round_up(n, k):
+    """n rounded up to a multiple of k (vocabulary rows, cache lengths)."""
+    return -(-n // k) * k
+
+
 def pad_batch(rows, value, side="right"):
     """Id lists (or 1-D tensors) -> ((B, T) long tensor padded with `value` on `side`, (B, T) 0/1 mask)."""
     T = max((len(r) for r in rows), default=0)

@@ -98,7 +98,7 @@ def cpu_forward(args):
         embeds = m.embed(*m.encode_batch([prompt], [[img]])[::2])
         out |= {"vision_s": time.perf_counter() - t, "vision_cpu_s": time.process_time() - c}
         T = embeds.shape[1]
-        valid, offset = torch.ones(1, T + 3 * n, dtype=torch.bool), torch.zeros(1, dtype=torch.long)
+        valid = torch.ones(1, T + 3 * n, dtype=torch.bool)
         generate.setup_cache(lm, 1, T + 3 * n)
         try:
             t, c = time.perf_counter(), time.process_time()
@@ -109,11 +109,11 @@ def cpu_forward(args):
                 layout = mode.endswith("layout") or (mode == "compiled" and
                                                      out["eager_decode_layout"]["step_s"] < out["eager"]["step_s"])
                 generate.decode_layout(lm, layout)
-                step = torch.compile(generate.decode_step, dynamic=False) if mode == "compiled" else generate.decode_step
+                step = generate.compiled_step(None) if mode == "compiled" else generate.decode_one_token
                 times = []
                 for pos in range(T + i * n, T + (i + 1) * n):
                     t = time.perf_counter()
-                    tok = step(lm, tok[:, None], torch.tensor([pos]), valid, offset).argmax(-1)
+                    tok = step(lm, tok[:, None], torch.tensor([pos]), valid, torch.tensor([[pos]])).argmax(-1)
                     times.append(time.perf_counter() - t)
                 steady = times[2:] if mode == "compiled" and n > 3 else times  # the first compiled steps compile
                 out[mode] = {"first_step_s": times[0], "step_s": statistics.median(steady),

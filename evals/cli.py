@@ -11,21 +11,16 @@ errors do; --help texts name the official files each flag takes.
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import weights
+from errors import BadSample, fail
 from evals import metrics, readers
-from evals.run import TASKS, load_model, run_benchmark, table
-from images import BadSample
+from evals.run import TASKS, average, load_model, run_benchmark, table
+from evals.vqa import RULES
 
 KIND_CHOICES = ("vqa", "caption", "pope", "choice")
-
-
-def fail(message):
-    print(f"eval.py: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def dump(path, obj):
@@ -49,6 +44,9 @@ def score_parser():
     p.add_argument("--references", required=True, nargs="+", metavar="R", help="the official annotation file(s): "
                    "VQAv2/OK-VQA annotations, TextVQA or VizWiz JSON, Karpathy/COCO/TextCaps captions, a POPE "
                    "question file, an MMBench-layout TSV, SEED-Bench or ScienceQA JSON, the AI2D folder")
+    p.add_argument("--metric", choices=RULES, help="VQA accuracy rule (evals/vqa.py); default: the benchmark's own "
+                   "evaluator: okvqa for OK-VQA, openflamingo for VQAv2 (the paper's few-shot protocol; vqa-api: the "
+                   "VQA server's), textvqa for TextVQA, vizwiz for VizWiz")
     p.add_argument("--split", default="test", help="Karpathy / ScienceQA split of the references (default: test)")
     p.add_argument("--partial", action="store_true", help="score only the questions that have a prediction "
                    "(default: an error); the count left out is reported")
@@ -61,16 +59,16 @@ def score_main(argv):
     try:
         fmt, records = readers.load(args.references, split=args.split)
         if readers.KINDS[fmt] != args.task:
-            fail(f"{args.references[0]}: a {fmt} file holds {readers.KINDS[fmt]} references, not {args.task}")
+            fail("eval.py", f"{args.references[0]}: a {fmt} file holds {readers.KINDS[fmt]} references, not {args.task}")
         if not readers.has_answers(args.task, records):
-            fail(f"{args.references[0]}: the references hold no answers to score against (a test split?)")
+            fail("eval.py", f"{args.references[0]}: the references hold no answers to score against (a test split?)")
         answers = readers.read_predictions(args.predictions)
         if args.task == "choice":
             records = readers.with_rotations(records, answers)
-        records, missing = readers.match(records, answers, args.predictions, args.partial)
-        results = {**metrics.score(args.task, records, answers), "missing": missing, "format": fmt}
+        records, answers, missing = readers.match(records, answers, args.predictions, args.partial)
+        results = {**metrics.score(args.task, records, answers, args.metric), "missing": missing, "format": fmt}
     except (BadSample, OSError) as e:
-        fail(e)
+        fail("eval.py", e)
     print(json.dumps(results, indent=1))
     dump(args.json, results)
     return results
@@ -103,9 +101,22 @@ def run_parser():
     g.add_argument("--demo-images", help="their image folder (default: the first demo file's folder)")
     g.add_argument("--seed", type=int, default=42, help="seeds the query set and each question's draw")
     g.add_argument("--query-set-size", type=int, default=2048, help="training records demonstrations come from")
-    g.add_argument("--ocr-tokens", action="store_true", help="TextVQA: list the file's OCR tokens in the question")
+    g.add_argument("--rices", action="store_true", help="choose each record's demonstrations by image similarity "
+                   "(RICES, with the model's own ViT) from the whole training split, instead of at random")
+    g.add_argument("--rices-cache", default="out/eval/rices", help="where the training split's image features "
+                   "are cached (default: out/eval/rices)")
+    g.add_argument("--trials", type=int, default=1, help="run with seeds seed, seed+1, ... and report the mean "
+                   "(OpenFlamingo's --num_trials); each trial has its own predictions file")
+    g.add_argument("--ocr-tokens", action="store_true", help="TextVQA: list the OCR tokens in the question (pass "
+                   "the Rosetta OCR file, TextVQA_Rosetta_OCR_v0.2_val.json, with --data)")
+    g.add_argument("--metric", choices=RULES, help="VQA accuracy rule (default: the benchmark's own evaluator; "
+                   "`eval.py score --help`)")
     g = p.add_argument_group("running")
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (the paper's "
+                   "few-shot results: 3); 1: greedy")
+    g.add_argument("--length-penalty", type=float, default=0.0, help="beam scores are divided by length ** this "
+                   "(OpenFlamingo's evaluation: 0, no normalisation; transformers' default: 1)")
     g.add_argument("--max-new-tokens", type=int, help="answer budget (default: plain 5, captions 20; chat 8, "
                    "short answers 16, captions 60)")
     g.add_argument("--device", default="cpu")
@@ -127,20 +138,23 @@ def run_main(argv, toy):
                  ("--dtype", args.dtype), ("--json", args.json), ("--predictions", args.predictions),
                  ("--name", args.name)]
         return toy([str(x) for k, v in flags if v is not None for x in (k, v)])
-    args.predictions = args.predictions or f"out/eval/{args.task}-{args.prompt}-{args.shots}shot.jsonl"
-    t0 = time.time()
+    base = args.predictions or f"out/eval/{args.task}-{args.prompt}-{args.shots}shot.jsonl"
+    seeds, runs, t0 = [args.seed + t for t in range(args.trials)], [], time.time()
     try:
         m, path = load_model(args.checkpoint, args.device, args.dtype)
-        results, fmt, n = run_benchmark(m, args, path)
+        for args.seed in seeds:  # OpenFlamingo's trials: the same run with another draw of demonstrations
+            args.predictions = base if len(seeds) == 1 else base.replace(".jsonl", "") + f"-seed{args.seed}.jsonl"
+            runs.append(run_benchmark(m, args, path))
     except (BadSample, weights.CheckpointError, ValueError, OSError) as e:
-        fail(e)
-    seconds = round(time.time() - t0, 1)
+        fail("eval.py", e)
+    seconds, (results, fmt, n) = round(time.time() - t0, 1), runs[0]
     if results is None:
         print(f"{n} answers in {args.predictions}; the files hold no answers to score them against")
     else:
+        results = average([r for r, _, _ in runs]) if len(runs) > 1 else results
         print(table(args.name or str(args.checkpoint), args.task, args.shots, results))
-    print(f"{seconds} s, {args.prompt} prompts, {args.shots} shots, {path}")
+    print(f"{seconds} s, {args.prompt} prompts, {args.shots} shots, seeds {seeds}, {path}")
     dump(args.json, {"metrics": results, "task": args.task, "format": fmt, "checkpoint": str(path),
-                     "prompt": args.prompt, "shots": args.shots, "seed": args.seed, "limit": args.limit,
+                     "prompt": args.prompt, "shots": args.shots, "seeds": seeds, "limit": args.limit,
                      "predictions": args.predictions, "seconds": seconds})
     return results

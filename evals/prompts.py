@@ -95,18 +95,25 @@ def query_set(pool, seed=42, size=QUERY_SET):
     return random.Random(seed).sample(list(pool), min(size, len(pool)))
 
 
+def how_many(shots, style, demos):
+    """Demonstrations per record: `shots`; 0-shot plain prompts get 2 (text only) when there is a pool."""
+    return shots if shots or style == "chat" else (ZERO_SHOT_DEMOS if demos else 0)
+
+
 def demonstrations(demos, record, shots, style, seed=42):
-    """The demonstrations of one record, drawn by (seed, record id); 0-shot plain prompts get 2 (text only)."""
-    k = shots if shots or style == "chat" else (ZERO_SHOT_DEMOS if demos else 0)
+    """The demonstrations of one record, drawn by (seed, record id)."""
+    k = how_many(shots, style, demos)
     if k > len(demos):
         raise ValueError(f"{k} demonstrations asked for, but the training split gave {len(demos)}; pass "
                          "--demos (the training split's files), or fewer --shots")
     return random.Random(f"{seed}:{record['id']}").sample(demos, k)
 
 
-def build(record, kind, style="chat", shots=0, demos=(), seed=42, task=None, ocr=False, system=DEFAULT_SYSTEM):
-    """The Query of one record: the prompt text, its images, and the answer budget."""
-    chosen = demonstrations(list(demos), record, shots, style, seed)
+def build(record, kind, style="chat", shots=0, demos=(), seed=42, task=None, ocr=False, system=DEFAULT_SYSTEM,
+          chosen=None):
+    """The Query of one record: the prompt text, its images, and the answer budget. `chosen`: its
+    demonstrations, already chosen (RICES); else drawn from `demos`."""
+    chosen = demonstrations(list(demos), record, shots, style, seed) if chosen is None else chosen
     images = [d["image"] for d in chosen] if shots else []
     if style == "plain":
         context = "".join(plain_chunk(d, kind, target(d, kind), ocr) + "\n" for d in chosen)

@@ -1,95 +1,31 @@
 """
 The benchmarks' files as released, read into records: the plain dicts evals/metrics.py scores and evals/run.py
-asks a model about. A file is recognised by its content, not its name (docs/evaluation.md: where to get each).
-
-    vqa      {"id", "image", "question", "answers": [10 strings] or None (no annotations), "answer_type"}
-    caption  {"id", "image", "captions": [strings]}
-    pope     {"id", "image", "question", "label": "yes" | "no"}
-    choice   {"id", "image", "question", "hint", "options": {"A": text, ...}, "answer": letter, "category"}
-
-- VQAv2 / OK-VQA: a questions file {"data_subtype", "questions": [{"image_id", "question", "question_id"}]}
-  and an annotations file {"annotations": [{"question_id", "answers": [{"answer"}] x 10, "answer_type"}]};
-  images COCO_{data_subtype}_{image_id:012d}.jpg. Without annotations (test-dev) answers are None.
-- TextVQA 0.5.1: {"data": [{"question_id", "question", "image_id", "answers": [10 strings]}]}, images
-  {image_id}.jpg; OCR tokens, where a file has them, are kept and used only when asked for.
-- VizWiz: [{"image", "question", "answers": [{"answer", "answer_confidence"}], "answer_type", "answerable"}];
-  the id is the image name, the challenge's key; "unanswerable" is an answer like any other.
-- COCO Karpathy split: {"images": [{"filepath", "filename", "cocoid", "split", "sentences": [{"raw"}]}]}: the
-  "test" split is scored and the "train" split is the few-shot pool (as OpenFlamingo's evaluation does).
-- NoCaps: the COCO caption format, {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}.
-- TextCaps 0.1: {"data": [{"image_id", "image_path", "reference_strs"}]}, one entry per caption of an image.
-- POPE: JSON lines {"question_id", "image", "text", "label": "yes" | "no"} over COCO val2014 images.
-- MMBench-layout TSV (MMBench, and the AI2D / ScienceQA TSVs in that layout): index, question, hint, A, B,
-  C, D (E... where present), answer, category, image as base64; a short image cell naming another row's
-  index reuses that row's image (the TSVs of VLMEvalKit store each image once); or an image_path column.
-- SEED-Bench: {"questions": [{"question_id", "question", "choice_a".."choice_d", "answer", "data_id",
-  "data_type", "question_type_id"}], "question_type": {name: id}}; the image questions, images {data_id}.
-- ScienceQA: problems.json {pid: {"question", "choices", "answer": index, "hint", "image", "split"}}; the
-  IMG set is the test split's questions with an image, at {split}/{pid}/image.png.
-- AI2D: the release's folder, questions/{image}.json {"imageName", "questions": {text: {"answerTexts",
-  "correctAnswer", "questionId"}}} and images/; a text file of image ids beside it keeps only those.
+asks a model about. A file is recognised by its content, not its name (docs/evaluation.md: where to get each);
+evals/open_formats.py (VQA, captions, POPE) and evals/choice_formats.py (multiple choice) read each format.
 
 Bad input is a BadSample naming the file and the record: a missing image, a question without annotations, a
 malformed TSV row or JSON line, a record without the fields its format needs or with a field of the wrong type,
 a file that is not UTF-8 or JSON nested too deeply to parse, an image name that leaves the image folder
 (absolute, or `..`). Benchmark files are downloaded like training data and read as untrusted input too.
-References: VQAv2 (arXiv 1612.00837), OK-VQA (1906.00067), TextVQA (1904.08920), VizWiz (1802.08218), COCO
-Captions (1504.00325) and the Karpathy split (1412.2306), NoCaps (1812.08658), TextCaps (2003.12462), POPE
-(2305.10355), MMBench (2307.06281), SEED-Bench (2307.16125), ScienceQA (2209.09513), AI2D (1603.07396), and
-each one's released files (docs/evaluation.md: where to download them).
+Predictions are matched to records by id, or, for files without ids (POPE's answer files), by line order.
 """
-import base64
-import binascii
-import csv
-import json
-import string
-import sys
 from pathlib import Path
 
-from evals.metrics import CIRCULAR, rotate
-from formats import UNTRUSTED, leaves_folder, parse_json, short
-from images import BadSample
+from evals import choice_formats as mc
+from evals import open_formats as oa
+from evals.choice import CIRCULAR, is_rotation_id, rotate
+from evals.files import named, read_json
+from errors import BadSample, short
 
-KINDS = {"vqa-questions": "vqa", "vqa-annotations": "vqa", "textvqa": "vqa", "vizwiz": "vqa",
+KINDS = {"vqa-questions": "vqa", "vqa-annotations": "vqa", "textvqa": "vqa", "textvqa-ocr": "vqa", "vizwiz": "vqa",
          "karpathy": "caption", "coco-captions": "caption", "textcaps": "caption", "pope": "pope",
          "mmbench": "choice", "seed": "choice", "scienceqa": "choice", "ai2d": "choice"}
 ID_KEYS = ("question_id", "image_id", "index", "image", "id")  # a prediction's id: the challenges' own keys
 ANSWER_KEYS = ("answer", "caption", "text", "prediction")
+ID_LISTS = (".txt", ".csv")  # AI2D's test image ids
 
 # -----------------------------------------------------------------------------
-# files
-
-
-def read_json(path):
-    """A JSON document, or JSON lines (POPE's .json files are JSON lines) as a list. Text that is not UTF-8 and
-    JSON that is malformed or nested too deeply to parse are a BadSample naming the file (and line)."""
-    raw = Path(path).read_bytes()
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        if e.msg != "Extra data":  # "Extra data": more than one value, so JSON lines, read below
-            raise BadSample(str(path), f"not valid JSON ({e})", "bad json") from None
-    except (UnicodeDecodeError, RecursionError):
-        return parse_json(raw, str(path))  # raises the BadSample that says which
-    return [parse_json(line, f"{path}:{n}") for n, line in enumerate(raw.split(b"\n"), 1) if line.strip()]
-
-
-class named:
-    """`with named(where):` around the reading of one record (or file): what a field of the wrong type or shape
-    makes Python raise (a number where a list belongs, a list where a dict belongs, an index out of range, a
-    TSV that is not UTF-8) becomes a BadSample naming it, so that eval.py ends with one line, not a traceback."""
-
-    def __init__(self, where):
-        self.where = where
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, e, tb):
-        if e is None or isinstance(e, BadSample) or not isinstance(e, UNTRUSTED + (csv.Error,)):
-            return False
-        what = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "a field of the wrong type or shape"
-        raise BadSample(self.where, f"{what} ({type(e).__name__}: {short(str(e))})", "bad record") from None
+# which format
 
 
 def sniff(path):
@@ -128,246 +64,14 @@ def sniff(path):
             return "karpathy", doc
         if "reference_strs" in first(doc.get("data")):
             return "textcaps", doc
+        if "ocr_tokens" in first(doc.get("data")) and "question" not in first(doc.get("data")):
+            return "textvqa-ocr", doc  # TextVQA_Rosetta_OCR_v0.2_*.json
         if "answers" in first(doc.get("data")) or "question_tokens" in first(doc.get("data")):
             return "textvqa", doc
         if doc and all(isinstance(v, dict) and "choices" in v for v in list(doc.values())[:5]):
             return "scienceqa", doc
     raise BadSample(str(path), "not a benchmark file this evaluator knows (docs/evaluation.md lists them)",
                     "unknown format")
-
-
-def image_at(images, names, where):
-    """The first of `names` (paths relative to the `images` folder) that exists; None when images is None
-    (scoring needs no images). A name that leaves the folder (absolute, or `..`) is refused, not looked up."""
-    if images is None:
-        return None
-    for name in names:
-        if not isinstance(name, str) or leaves_folder(name):
-            raise BadSample(where, f"image name {short(name)} is not a file name inside the image folder {images}",
-                            "unsafe path")
-    for name in names:
-        if (Path(images) / name).is_file():
-            return Path(images) / name
-    raise BadSample(where, f"image file {Path(images) / names[0]} does not exist", "missing image")
-
-
-def need(row, keys, where):
-    if not isinstance(row, dict):
-        raise BadSample(where, f"a record must be a JSON object, not {short(row)}", "bad record")
-    missing = [k for k in keys if k not in row]
-    if missing:
-        raise BadSample(where, f"no {', '.join(map(repr, missing))} field", "missing field")
-    return [row[k] for k in keys]
-
-# -----------------------------------------------------------------------------
-# formats -> records
-
-
-def vqa_questions(path, doc, images, answers):
-    """VQAv2 / OK-VQA questions joined with {question_id: annotation} (None: no annotation file)."""
-    subtype = doc.get("data_subtype") or next((s for s in ("train2014", "val2014", "test2015")
-                                               if s in Path(path).name), "val2014")
-    out = []
-    for n, q in enumerate(doc["questions"]):
-        where = f"{path}: question {n}"
-        with named(where):
-            qid, image_id, question = need(q, ("question_id", "image_id", "question"), where)
-            name = f"COCO_{subtype}_{int(image_id):012d}.jpg"
-            if answers is not None and qid not in answers:
-                raise BadSample(where, f"question_id {qid} has no annotation in the annotations file", "no annotation")
-            ann = answers.get(qid, {}) if answers is not None else {}
-            out.append({"id": qid, "image": image_at(images, [name, f"{subtype}/{name}"], where), "question": question,
-                        "answers": [a["answer"] for a in ann["answers"]] if ann else None,
-                        "answer_type": ann.get("answer_type")})
-    return out
-
-
-def vqa_annotations(path, doc):
-    """{question_id: annotation}, each checked for its answers."""
-    out = {}
-    for n, a in enumerate(doc["annotations"]):
-        qid, answers = need(a, ("question_id", "answers"), f"{path}: annotation {n}")
-        if not answers or not all(isinstance(x, dict) and "answer" in x for x in answers):
-            raise BadSample(f"{path}: annotation {n}", "answers must be a list of {'answer': ...}", "bad answers")
-        out[qid] = a
-    return out
-
-
-def textvqa(path, doc, images):
-    out = []
-    for n, q in enumerate(doc["data"]):
-        where = f"{path}: record {n}"
-        with named(where):
-            qid, image_id, question = need(q, ("question_id", "image_id", "question"), where)
-            out.append({"id": qid, "question": question, "answers": q.get("answers"), "ocr_tokens": q.get("ocr_tokens"),
-                        "image": image_at(images, [f"{image_id}.jpg", f"train_images/{image_id}.jpg",
-                                                   f"test_images/{image_id}.jpg"], where)})
-    return out
-
-
-def vizwiz(path, doc, images):
-    out = []
-    for n, q in enumerate(doc):
-        where = f"{path}: record {n}"
-        with named(where):
-            image, question = need(q, ("image", "question"), where)
-            split = image.split("_")[1] if image.count("_") >= 2 else ""  # VizWiz_val_00000000.jpg
-            answers = [a["answer"] for a in q["answers"]] if q.get("answers") else None
-            out.append({"id": image, "question": question, "answers": answers, "answer_type": q.get("answer_type"),
-                        "image": image_at(images, [image, f"{split}/{image}"] if split else [image], where)})
-    return out
-
-
-def karpathy(path, doc, images, split):
-    out = []
-    for n, im in enumerate(doc["images"]):
-        where = f"{path}: image {n}"
-        with named(where):
-            if im.get("split") != split:
-                continue
-            filename, sentences = need(im, ("filename", "sentences"), where)
-            out.append({"id": im.get("cocoid", filename), "captions": [s["raw"] for s in sentences],
-                        "image": image_at(images, [f"{im['filepath']}/{filename}", filename] if im.get("filepath")
-                                                 else [filename], where)})
-    return out
-
-
-def coco_captions(path, doc, images):
-    captions = {}
-    for n, a in enumerate(doc["annotations"]):
-        image_id, caption = need(a, ("image_id", "caption"), f"{path}: annotation {n}")
-        captions.setdefault(image_id, []).append(caption)
-    out = []
-    for n, im in enumerate(doc.get("images", [])):
-        where = f"{path}: image {n}"
-        with named(where):
-            image_id, name = need(im, ("id", "file_name"), where)
-            if image_id not in captions and images is None:
-                continue  # scoring: an image without captions has nothing to score against
-            out.append({"id": image_id, "captions": captions.get(image_id), "image": image_at(images, [name], where)})
-    return out
-
-
-def textcaps(path, doc, images):
-    out, seen = [], set()
-    for n, c in enumerate(doc["data"]):
-        where = f"{path}: record {n}"
-        with named(where):
-            (image_id,) = need(c, ("image_id",), where)
-            if image_id in seen:  # one entry per caption, each carrying all of the image's references
-                continue
-            seen.add(image_id)
-            names = [c.get("image_path", ""), f"{image_id}.jpg", f"train_images/{image_id}.jpg"]
-            out.append({"id": image_id, "captions": c.get("reference_strs"), "image": image_at(images, names, where)})
-    return out
-
-
-def pope(path, doc, images):
-    out = []
-    for n, q in enumerate(doc, 1):
-        where = f"{path}:{n}"
-        with named(where):
-            qid, image, text = need(q, ("question_id", "image", "text"), where)
-            label = q.get("label")
-            if label not in ("yes", "no", None):
-                raise BadSample(where, f"label {label!r} is neither 'yes' nor 'no'", "bad label")
-            out.append({"id": qid, "question": text, "label": label,
-                        "image": image_at(images, [image, f"val2014/{image}"], where)})
-    return out
-
-
-def mmbench(path, images):
-    """An MMBench-layout TSV (as pandas writes it: tab-separated, quoted where a cell holds a tab, a quote
-    or a newline); images decoded from base64, or read from an image_path column."""
-    csv.field_size_limit(sys.maxsize)  # a base64 image is one very long cell
-    out, cells = [], {}
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = csv.reader(f, delimiter="\t")
-        head = next(rows)
-        for row in rows:
-            where = f"{path}:{rows.line_num}"
-            if len(row) != len(head):
-                raise BadSample(where, f"{len(row)} tab-separated fields, the header has {len(head)}", "malformed row")
-            r = dict(zip(head, row))
-            index, question = need(r, ("index", "question"), where)
-            options = {c: r[c] for c in string.ascii_uppercase if r.get(c, "").strip() not in ("", "nan")}
-            if len(options) < 2 or (r.get("answer") and r["answer"] not in options):
-                raise BadSample(where, f"options {sorted(options)} and answer {r.get('answer')!r} do not fit",
-                                "bad options")
-            cells[index] = r.get("image", "")
-            hint = r.get("hint", "")
-            out.append({"id": int(index) if index.lstrip("-").isdigit() else index, "question": question,
-                        "hint": "" if hint == "nan" else hint, "options": options, "answer": r.get("answer") or None,
-                        "category": r.get("category"), "image": r.get("image_path"), "where": where})
-    for r in out:
-        where = r.pop("where")
-        if r["image"] is not None:
-            r["image"] = image_at(images, [r["image"]], where)
-        elif images is not None:
-            r["image"] = decode_image(cells, str(r["id"]), where)
-    return out
-
-
-def decode_image(cells, index, where):
-    cell = cells[index]
-    if len(cell) <= 64 and cell in cells and len(cells[cell]) > 64:
-        cell = cells[cell]  # a repeated image names the row that holds it
-    try:
-        return base64.b64decode(cell, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadSample(where, "the image cell is not base64", "bad image") from None
-
-
-def seed(path, doc, images):
-    names = {v: k for k, v in doc.get("question_type", {}).items()}
-    out = []
-    for n, q in enumerate(doc["questions"]):
-        where = f"{path}: question {n}"
-        with named(where):
-            if q.get("data_type", "image") != "image":
-                continue  # the video questions (SEED-Bench's dimensions 10-12)
-            qid, question, data_id = need(q, ("question_id", "question", "data_id"), where)
-            options = {c.upper(): q[f"choice_{c}"] for c in "abcd" if f"choice_{c}" in q}
-            out.append({"id": qid, "question": question, "hint": "", "options": options, "answer": q.get("answer"),
-                        "category": names.get(q.get("question_type_id")),
-                        "image": image_at(images, [data_id, f"SEED-Bench-image/{data_id}",
-                                                   f"SEED-Bench-image/{data_id}.jpg"], where)})
-    return out
-
-
-def scienceqa(path, doc, images, split):
-    out = []
-    for pid, q in doc.items():
-        where = f"{path}: problem {pid}"
-        with named(where):
-            if q.get("split") != split or not q.get("image"):
-                continue  # ScienceQA-IMG: the split's questions that come with an image
-            question, choices, answer = need(q, ("question", "choices", "answer"), where)
-            letters = string.ascii_uppercase[:len(choices)]
-            out.append({"id": pid, "question": question, "hint": q.get("hint", ""),
-                        "options": dict(zip(letters, choices)), "category": q.get("subject"),
-                        "answer": letters[answer] if isinstance(answer, int) else None,
-                        "image": image_at(images, [f"{split}/{pid}/{q['image']}", f"{pid}/{q['image']}"], where)})
-    return out
-
-
-def ai2d(folder, look, keep=None):
-    out = []
-    for f in sorted((folder / "questions").glob("*.json")):
-        doc = read_json(f)
-        with named(f):
-            name, questions = doc.get("imageName", f.stem), list(doc.get("questions", {}).items())
-            if keep is not None and name.split(".")[0] not in keep:
-                continue
-        for text, q in questions:
-            where = f"{f}: question {text!r}"
-            with named(where):
-                qid, choices, answer = need(q, ("questionId", "answerTexts", "correctAnswer"), where)
-                letters = string.ascii_uppercase[:len(choices)]
-                out.append({"id": qid, "question": text, "hint": "", "options": dict(zip(letters, choices)),
-                            "answer": letters[answer],
-                            "image": image_at(folder / "images" if look else None, [name], where)})
-    return out
 
 # -----------------------------------------------------------------------------
 # the entry points: a benchmark's files -> records; a prediction file -> answers
@@ -402,30 +106,40 @@ def is_text(value, many):
 
 
 def read_files(paths, images, split):
-    lists = [p for p in paths if Path(p).suffix == ".txt"]
+    lists = [p for p in paths if Path(p).suffix.lower() in ID_LISTS]
     found = [(p, *sniff(p)) for p in paths if p not in lists]
     if any(f == "vqa-questions" for _, f, _ in found):
-        annotations = [vqa_annotations(p, d) for p, f, d in found if f == "vqa-annotations"]
+        annotations = [oa.vqa_annotations(p, d) for p, f, d in found if f == "vqa-annotations"]
         merged = {k: v for a in annotations for k, v in a.items()} if annotations else None
         return "vqa-questions", [r for p, f, d in found if f == "vqa-questions"
-                                 for r in vqa_questions(p, d, images, merged)]
-    if len(found) != 1:
+                                 for r in oa.vqa_questions(p, d, images, merged)]
+    ocr = [(p, d) for p, f, d in found if f == "textvqa-ocr"]
+    found = [x for x in found if x[1] != "textvqa-ocr"]
+    if len(found) != 1 or (ocr and found[0][1] != "textvqa"):
         names = ", ".join(f"{p} ({f})" for p, f, _ in found) or ", ".join(map(str, paths))
-        raise BadSample(names, "expected one benchmark file, or VQA questions + annotations", "files")
+        raise BadSample(names, "expected one benchmark file, VQA questions + annotations, or TextVQA + its OCR "
+                        "file", "files")
     path, fmt, doc = found[0]
     if fmt == "vqa-annotations":
-        return fmt, [{"id": k, "answers": [a["answer"] for a in v["answers"]], "answer_type": v.get("answer_type")}
-                     for k, v in vqa_annotations(path, doc).items()]
+        return fmt, [{"id": k, **oa.vqa_answers(v)} for k, v in oa.vqa_annotations(path, doc).items()]
+    if fmt == "textvqa":
+        return fmt, oa.textvqa(path, doc, images, [oa.ocr_tokens(p, d) for p, d in ocr])
     if fmt == "ai2d":
-        keep = {w.split(".")[0] for f in lists for w in Path(f).read_text().split()} if lists else None
-        return fmt, ai2d(doc, images is not None, keep)
+        return fmt, mc.ai2d(doc, images is not None, image_ids(lists) if lists else None)
     if fmt == "mmbench":
-        return fmt, mmbench(path, images)
-    readers = {"textvqa": textvqa, "vizwiz": vizwiz, "coco-captions": coco_captions, "textcaps": textcaps,
-               "pope": pope, "seed": seed}
+        return fmt, mc.mmbench(path, images)
     if fmt in ("karpathy", "scienceqa"):
-        return fmt, {"karpathy": karpathy, "scienceqa": scienceqa}[fmt](path, doc, images, split)
+        return fmt, {"karpathy": oa.karpathy, "scienceqa": mc.scienceqa}[fmt](path, doc, images, split)
+    readers = {"vizwiz": oa.vizwiz, "coco-captions": oa.coco_captions, "textcaps": oa.textcaps, "pope": oa.pope,
+               "seed": mc.seed}
     return fmt, readers[fmt](path, doc, images)
+
+
+def image_ids(paths):
+    """AI2D's image ids from lists of them (ai2d_test_ids.csv: one id a line; or any text split on commas and
+    white space), without extensions: '4.png' -> '4'."""
+    with named(", ".join(map(str, paths))):
+        return {w.split(".")[0] for f in paths for w in Path(f).read_text().replace(",", " ").split()}
 
 
 def has_answers(kind, records):
@@ -437,30 +151,52 @@ def has_answers(kind, records):
 def read_predictions(path):
     """{str(id): answer} from a JSON list or JSON lines in the challenges' formats: [{"question_id", "answer"}],
     [{"image_id", "caption"}], [{"index" or "question_id", "answer"}], VizWiz's [{"image", "answer"}]; a
-    line {"run": ...} (eval.py run's header) is skipped."""
+    line {"run": ...} (eval.py run's header) is skipped. A file whose rows have no id at all (POPE's answer
+    files, {"question", "answer"} a line) gives a list, matched to the references by line order. An answer
+    null is an empty answer."""
     rows = read_json(path)
     rows = [rows] if isinstance(rows, dict) else rows  # JSON lines of one line
     if not isinstance(rows, list):
         raise BadSample(str(path), "predictions must be a JSON list (or JSON lines) of objects", "bad predictions")
-    out = {}
+    rows = [r for r in rows if not (isinstance(r, dict) and "run" in r)]
+    ordered = not any(isinstance(r, dict) and any(k in r for k in ID_KEYS) for r in rows)
+    out = [] if ordered else {}
     for n, row in enumerate(rows):
-        if isinstance(row, dict) and "run" in row:
-            continue
         where = f"{path}: prediction {n}"
         key = next((k for k in ID_KEYS if isinstance(row, dict) and k in row), None)
         said = next((k for k in ANSWER_KEYS if isinstance(row, dict) and k in row), None)
-        if key is None or said is None:
+        if said is None or (key is None and not ordered):
             raise BadSample(where, f"needs an id ({' / '.join(ID_KEYS)}) and an answer ({' / '.join(ANSWER_KEYS)})",
                             "bad prediction")
-        if str(row[key]) in out:
+        text = "" if row[said] is None else str(row[said])
+        if ordered:
+            out.append((row.get("question"), text))
+        elif str(row[key]) in out:
             raise BadSample(where, f"a second prediction for {key} {row[key]}", "duplicate prediction")
-        out[str(row[key])] = str(row[said])
+        else:
+            out[str(row[key])] = text
     return out
 
 
+def by_line(records, answers, where, partial):
+    """{str(id): answer} of answers given in the references' order (POPE), each question checked when given."""
+    if len(answers) != len(records) and not (partial and len(answers) < len(records)):
+        raise BadSample(str(where), f"{len(answers)} answers by line for {len(records)} questions: answer them all "
+                        "in the question file's order (or --partial for the first ones)", "missing prediction")
+    for n, ((question, _), r) in enumerate(zip(answers, records), 1):
+        if question is not None and str(question).strip().lower() != str(r.get("question", "")).strip().lower():
+            raise BadSample(f"{where}:{n}", f"question {short(question)} is not line {n}'s of the references "
+                            f"({short(r.get('question'))}): answers must follow the question file's order",
+                            "order")
+    return {str(r["id"]): text for (_, text), r in zip(answers, records)}
+
+
 def match(records, answers, where, partial=False):
-    """The records the answers cover. An answer to no record is an error; so is a record without an answer,
-    unless `partial` (then the count is returned, to be reported). -> (records, missing)."""
+    """The records the answers cover, and the answers by id. An answer to no record is an error; so is a
+    record without an answer, unless `partial` (then the count is returned, to be reported); with circular
+    rotations, a question is scored only with all of its rotations. -> (records, answers, missing)."""
+    if isinstance(answers, list):
+        answers = by_line(records, answers, where, partial)
     ids = {str(r["id"]) for r in records}
     unknown = [i for i in answers if i not in ids]
     if unknown:
@@ -471,13 +207,17 @@ def match(records, answers, where, partial=False):
         raise BadSample(str(where), f"no prediction for {len(missing)} of {len(records)} questions (e.g. "
                         f"{', '.join(missing[:3])}); answer them all, or pass --partial to score the rest and "
                         "report the count", "missing prediction")
-    return [r for r in records if str(r["id"]) in answers], len(missing)
+    if any(is_rotation_id(i) for i in ids):  # circular: a question missing any rotation is left out whole
+        gone = {int(i) % CIRCULAR for i in missing}
+        kept = [r for r in records if int(r["id"]) % CIRCULAR not in gone]
+        return kept, answers, len(records) - len(kept)
+    return [r for r in records if str(r["id"]) in answers], answers, len(missing)
 
 
 def with_rotations(records, answers=None):
     """Every rotation of every multiple-choice record (MMBench's circular evaluation), with `answers`: only
     when they hold rotations (ids of 1,000,000 and up) that the records lack."""
-    if answers is not None and not any(i.isdigit() and int(i) >= CIRCULAR for i in answers):
+    if answers is not None and not any(is_rotation_id(i) for i in answers):
         return records
     ids = {str(r["id"]) for r in records}
     if answers is not None and all(i in ids for i in answers):

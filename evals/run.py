@@ -1,8 +1,10 @@
 """
-A model on a benchmark: batched greedy answers, written as they come, scored when the files hold answers.
+A model on a benchmark: batched answers (greedy, or beam search), written as they come, scored when the files
+hold answers.
 
 - `answer` is the one generation loop (the toy suite's too): prompts of one shape (image count, answer
-  budget) are batched, shortest first, and generated greedily with the KV cache; generation stops at the
+  budget) are batched, shortest first, and generated with the KV cache, greedily or by beam search (3 beams,
+  no length normalisation: OpenFlamingo's evaluation, the paper's few-shot protocol); generation stops at the
   model's stop ids and at `<|endofchunk|>`, the end of an interleaved chunk.
 - The predictions file is JSON lines: a header {"run": {task, checkpoint, data, prompt, shots, ...}}, then one
   line per answer in the challenge's own format ({"question_id", "answer"}, {"image_id", "caption"},
@@ -24,9 +26,11 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
+import generate
 import weights
-from evals import metrics, prompts, readers
-from images import BadSample, Images, load_image
+from evals import metrics, prompts, readers, rices
+from errors import BadSample
+from images import Images, load_image
 from model import XGenMM
 from tokenizer import END_CHUNK
 
@@ -50,8 +54,10 @@ def load_model(path, device="cpu", dtype=None):
     return m, path
 
 
-def answer(m, queries, batch_size, device="cpu", open_image=load_image, done=None, progress=True):
-    """Set q.raw (the decoded new text) and q.answer (stripped) of every query; `done(batch)` after each batch."""
+def answer(m, queries, batch_size, device="cpu", open_image=load_image, done=None, progress=True, num_beams=1,
+           length_penalty=0.0):
+    """Set q.raw (the decoded new text) and q.answer (stripped) of every query; `done(batch)` after each batch.
+    Greedy, or beam search with `num_beams` > 1 (generate.beam_search)."""
     stop = m.stop_ids + [m.tokenizer.token_to_id(END_CHUNK)]
     groups = {}
     for q in queries:
@@ -63,7 +69,9 @@ def answer(m, queries, batch_size, device="cpu", open_image=load_image, done=Non
             chunk = encoded[i:i + batch_size]
             images = [pictures(q, open_image) for _, q in chunk]
             pixels = Images.from_pil(images, m.config).to(device) if any(images) else None
-            out = m.generate([ids for ids, _ in chunk], pixels, max_new_tokens=max_new, stop_ids=stop)
+            out = (m.generate([ids for ids, _ in chunk], pixels, max_new_tokens=max_new, stop_ids=stop)
+                   if num_beams == 1 else beams(m, [ids for ids, _ in chunk], pixels, max_new, stop, num_beams,
+                                                length_penalty))
             for (_, q), row in zip(chunk, out.tolist()):
                 q.raw = m.tokenizer.decode(row, skip_special_tokens=True)
                 q.answer = q.raw.strip()
@@ -71,6 +79,14 @@ def answer(m, queries, batch_size, device="cpu", open_image=load_image, done=Non
                 done([q for _, q in chunk])
             bar.update(len(chunk))
     bar.close()
+
+def beams(m, prompts, pixels, max_new, stop, num_beams, length_penalty):
+    """The best beam of each prompt (the paper's decoding for its few-shot benchmarks)."""
+    ids, mask, images = m.encode_batch(prompts, pixels, padding_side="left")
+    embeds = m.embed(ids, images)
+    return generate.beam_search(m.lang_model, embeds, mask.to(embeds.device), max_new, num_beams, length_penalty,
+                                stop_ids=stop, pad_id=m.config.text.pad_token_id)[0]
+
 
 def pictures(q, open_image):
     try:
@@ -138,19 +154,31 @@ def records_for(args):
         pool = readers.load(args.data, images, split="train")[1]  # the same file's training split
     if not readers.has_answers(kind, pool):
         raise BadSample(where, "the demonstrations have no answers (VQA: pass the annotations file too)", "no answers")
-    return fmt, kind, records, prompts.query_set(pool, args.seed, args.query_set_size)
+    return fmt, kind, records, pool
+
+
+def queries_for(m, args, path, kind, records, pool):
+    """Each record's prompt: demonstrations drawn from the query set, or by RICES from the whole pool."""
+    if not args.rices:
+        pool = prompts.query_set(pool, args.seed, args.query_set_size)
+        return [prompts.build(r, kind, args.prompt, args.shots, pool, args.seed, args.task, args.ocr_tokens)
+                for r in records]
+    k = prompts.how_many(args.shots, args.prompt, pool)
+    chosen = rices.choose(m, records, pool, k, path, args.rices_cache)
+    return [prompts.build(r, kind, args.prompt, args.shots, task=args.task, ocr=args.ocr_tokens,
+                          chosen=chosen[str(r["id"])]) for r in records]
 
 
 def run_benchmark(m, args, path):
     """Answer every record (resuming from args.predictions), then score: (metrics or None, format, count)."""
     fmt, kind, records, pool = records_for(args)
-    queries = [prompts.build(r, kind, args.prompt, args.shots, pool, args.seed, args.task, args.ocr_tokens)
-               for r in records]
+    queries = queries_for(m, args, path, kind, records, pool)
     for q in queries:
         q.max_new = args.max_new_tokens or q.max_new
     header = {"task": args.task, "checkpoint": str(path), "data": [str(Path(p).resolve()) for p in args.data],
               "prompt": args.prompt, "shots": args.shots, "seed": args.seed, "query_set_size": args.query_set_size,
-              "ocr_tokens": args.ocr_tokens, "circular": args.circular, "max_new_tokens": args.max_new_tokens}
+              "ocr_tokens": args.ocr_tokens, "circular": args.circular, "max_new_tokens": args.max_new_tokens,
+              "num_beams": args.num_beams, "length_penalty": args.length_penalty, "rices": args.rices}
     done = resume(args.predictions, header)
     todo = [q for q in queries if str(q.id) not in done]
     print(f"{len(records)} records, {len(done)} answered before, {len(todo)} to answer -> {args.predictions}",
@@ -162,16 +190,27 @@ def run_benchmark(m, args, path):
                 q.answer = prompts.read_answer(q.raw, kind, args.prompt)
             write(f, fmt, kind, batch)
 
-        answer(m, todo, args.batch_size, args.device, done=finish, progress=not args.quiet)
+        answer(m, todo, args.batch_size, args.device, done=finish, progress=not args.quiet, num_beams=args.num_beams,
+               length_penalty=args.length_penalty)
     answers = {i: r.get("caption", r.get("answer")) for i, r in done.items()}
     answers.update({str(q.id): q.answer for q in todo})
     if not readers.has_answers(kind, records):
         return None, fmt, len(records)
-    return metrics.score(kind, records, answers), fmt, len(records)
+    return metrics.score(kind, records, answers, args.metric), fmt, len(records)
 
 
 def table(name, task, shots, results):
     """A markdown row like the paper's tables: every top-level number x 100, one decimal."""
     cols = [k for k, v in results.items() if isinstance(v, float)]
     head = "| | task | shots | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 3)
-    return head + f"\n| {name} | {task} | {shots} | " + " | ".join(f"{100 * results[c]:.1f}" for c in cols) + " |"
+    row = f"\n| {name} | {task} | {shots} | " + " | ".join(f"{100 * results[c]:.1f}" for c in cols) + " |"
+    return head + row + (f"\nscored as {results['metric']}" if results.get("metric") else "")
+
+
+def average(runs):
+    """The mean of each top-level number over trials (OpenFlamingo reports the mean of its trials), with each
+    trial's value under "trials"."""
+    numbers = [k for k, v in runs[0].items() if isinstance(v, float)]
+    return {**runs[0], **{k: sum(r[k] for r in runs) / len(runs) for k in numbers},
+            "trials": {k: [r[k] for r in runs] for k in numbers}}
+

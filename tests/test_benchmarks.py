@@ -1,152 +1,22 @@
-"""The public benchmarks: evals/metrics.py against the reference implementations and the official rules'
-edge cases, evals/readers.py on small files in each official format, `eval.py score` and `eval.py run`
-end to end on a tiny random checkpoint (resume and bad input included)."""
+"""The public benchmarks: evals/readers.py on small files in each official format, `eval.py score` and
+`eval.py run` end to end on a tiny random checkpoint (resume and bad input included). The metrics against
+the official evaluators' rules: tests/test_official_metrics.py."""
 import base64
 import io
 import json
-import random
 import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import eval as ev
 import model
-from evals import metrics, prompts, readers
-from evals.metrics import normalize_answer, process_punctuation, vqa_accuracy
+from evals import metrics, prompts, readers, rices
+from evals import run as evals_run
 from reference import write_tokenizer
 from tokenizer import chat_prompt
-
-# -----------------------------------------------------------------------------
-# VQA accuracy: the VQA API's rules (vqaEval.py), one case each
-
-
-@pytest.mark.parametrize("text, out, rule", [
-    ("yes/no", "yes no", "a mark that touches no space becomes a space"),
-    ("hi !", "hi ", "a mark next to a space is deleted"),
-    ("a-b - c", "ab  c", "the choice is made per mark for the whole text: one '-' touches a space, all go"),
-    ("1,000", "1000", "a digit,digit comma anywhere: every mark is deleted, the digits join"),
-    ("red, blue", "red blue", "', ' touches a space: deleted"),
-    ("3.5", "3.5", "a period before a digit stays"),
-    ("end.", "end", "a period not before a digit is removed"),
-    ("2.", "2", "quirk: the period rule never looks behind, so '2.' loses its period"),
-    ("don't", "don't", "apostrophes are not in the list"),
-])
-def test_vqa_punctuation(text, out, rule):
-    assert process_punctuation(text) == out, rule
-
-
-@pytest.mark.parametrize("text, out, rule", [
-    ("Two dogs", "2 dogs", "number words to digits, after lower case"),
-    ("none", "0", "'none' is a number word: 0"),
-    ("The dog", "dog", "articles a / an / the dropped"),
-    ("an apple", "apple", "articles"),
-    ("dont know", "don't know", "contractions restored"),
-    ("whats up", "what's up", "contractions restored"),
-    ("  Yes\n", "yes", "newline / tab to space, strip, lower case"),
-    ("ten\tpeople", "10 people", "tab to space, then number words"),
-])
-def test_vqa_normalisation(text, out, rule):
-    assert normalize_answer(text) == out, rule
-
-
-def test_vqa_accuracy_leave_one_out():
-    """min(#matches among the other nine / 3, 1) for each of the ten answers left out, averaged."""
-    others = ["cat", "dog", "bird", "fish", "cow", "pig", "hen", "ant", "bee", "owl"]
-    for k, want in [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]:
-        answers = ["yes"] * k + others[:10 - k]
-        hand = sum(min((k - (i < k)) / 3, 1) for i in range(10)) / 10  # answer i left out
-        assert vqa_accuracy("yes", answers) == pytest.approx(want) == pytest.approx(hand), k
-
-
-def test_vqa_accuracy_normalises_as_the_api():
-    mixed = ["two", "2", "2", "Two.", "2 ", "two", "2", "3", "2", "2"]
-    assert vqa_accuracy("2", mixed) == 1.0  # answers differ: every one normalised to '2' except '3'
-    assert vqa_accuracy("Two", mixed) == 1.0
-    assert vqa_accuracy("3", mixed) == pytest.approx(0.3)
-    # all ten the same: the API compares them as typed; the prediction gets its normalised form too
-    assert vqa_accuracy("Yes.", ["yes"] * 10) == 1.0
-    assert vqa_accuracy("Two", ["Two"] * 10) == 1.0  # the API's exact match still counts
-    assert vqa_accuracy("no", ["yes"] * 10) == 0.0
-    assert vqa_accuracy("unanswerable", ["unanswerable"] * 7 + ["no"] * 3) == 1.0  # VizWiz's answer class
-
-# -----------------------------------------------------------------------------
-# captions: CIDEr-D and BLEU-4 equal pycocoevalcap on the same tokens
-
-
-def random_corpus(seed, n_images=25):
-    rng = random.Random(seed)
-    words = "a man woman dog on the street with red bus sitting next to table two people riding".split()
-    sentence = lambda: " ".join(rng.choice(words) for _ in range(rng.choice([1, 2, 3, 5, 8, 9, 12, 16])))
-    refs = {i: [sentence() for _ in range(rng.randint(1, 6))] for i in range(n_images)}
-    cands = {i: sentence() for i in range(n_images)}
-    cands[0], cands[1] = refs[1][0], ""  # a caption equal to a reference of another image, and an empty one
-    return cands, refs
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_cider_d_and_bleu4_equal_pycocoevalcap(seed):
-    Cider = pytest.importorskip("pycocoevalcap.cider.cider").Cider
-    Bleu = pytest.importorskip("pycocoevalcap.bleu.bleu").Bleu
-    cands, refs = random_corpus(seed)
-    ref_mean, ref_each = Cider().compute_score(refs, {i: [c] for i, c in cands.items()})
-    mean, each = metrics.cider_d(cands, refs)
-    assert mean == pytest.approx(ref_mean, abs=1e-6)
-    assert [each[i] for i in sorted(each)] == pytest.approx(list(ref_each), abs=1e-6)
-    bleu, _ = Bleu(4).compute_score(refs, {i: [c] for i, c in cands.items()}, verbose=0)
-    assert metrics.bleu4(cands, refs) == pytest.approx(bleu[3], abs=1e-9)
-
-
-@pytest.mark.parametrize("raw, tokens", [
-    ("A man's hat.", "a man 's hat"),
-    ("Don't stop!", "do n't stop"),
-    ('He said "hi" (twice); then left.', "he said hi twice then left"),
-    ("A t-shirt -- 1,000 of them, 3.5 each", "a t-shirt 1,000 of them 3.5 each"),
-    ("They're 'here'", "they 're here"),
-])
-def test_caption_tokenizer(raw, tokens):
-    """What the PTB tokenizer + pycocoevalcap's punctuation filter make of plain captions."""
-    assert metrics.tokenize(raw) == tokens
-
-# -----------------------------------------------------------------------------
-# POPE and multiple choice
-
-
-@pytest.mark.parametrize("answer, yes", [
-    ("Yes, there is a dog.", True), ("No, there is not.", False), ("There is no dog in the image.", False),
-    ("I do not see one", False), ("yes. No wait", True), ("Nope", True),
-    ("NO", True),  # quirk, kept: POPE's rule looks for the words No, no, not only
-])
-def test_pope_yes_rule(answer, yes):
-    assert metrics.pope_says_yes(answer) is yes
-
-
-def test_pope_scores_by_hand():
-    s = metrics.pope_scores([True, True, False, False, True], [True, False, False, True, True])
-    assert s == pytest.approx({"accuracy": 0.6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "yes_ratio": 0.6})
-
-
-OPTIONS = {"A": "a red car", "B": "a blue bus", "C": "two cats", "D": "a dog"}
-
-
-@pytest.mark.parametrize("answer, letter", [
-    ("B", "B"), ("(C)", "C"), ("D. a dog", "D"), ("A) a red car", "A"), ("The answer is C.", "C"),
-    ("Answer: B", "B"), ("two cats", "C"), ("I think it is B", "B"), ("A man is here", None),
-    ("a bird", None), ("", None), ("E", None),
-])
-def test_choice_letter(answer, letter):
-    assert metrics.choice_letter(answer, OPTIONS) == letter
-
-
-def test_circular_rotations():
-    record = {"id": 7, "options": dict(OPTIONS), "answer": "B"}
-    rotations = [metrics.rotate(record, k) for k in range(4)]
-    assert [r["id"] for r in rotations] == [7, 1_000_007, 2_000_007, 3_000_007]
-    assert {r["options"][r["answer"]] for r in rotations} == {"a blue bus"}  # the answer follows its text
-    assert [r["answer"] for r in rotations] == ["B", "A", "D", "C"]
-    right = {7: True, 1_000_007: True, 2_000_007: False, 3_000_007: True, 8: True, 1_000_008: True}
-    assert metrics.circular_accuracy(right) == 0.5  # question 7 fails one rotation, question 8 passes both
 
 # -----------------------------------------------------------------------------
 # small files in each official format
@@ -312,6 +182,7 @@ def test_readers_read_each_format(files):
     assert fmt == "pope" and [r["label"] for r in rs] == ["yes", "no", "yes", "no"]
     fmt, rs = readers.load([files["mmbench"]], d)
     assert fmt == "mmbench" and rs[0]["options"] == {"A": "red", "B": "green", "C": "blue"} and rs[0]["hint"] == ""
+    assert rs[0]["category"] == "attribute" and rs[0]["l2_category"] == "c"
     assert rs[1]["hint"] == "Look closely." and rs[1]["question"] == "Which one?\nPick one."
     assert rs[2]["image"] == rs[0]["image"]  # the short cell names row 0
     assert Image.open(io.BytesIO(rs[2]["image"])).size == (40, 30)
@@ -324,6 +195,53 @@ def test_readers_read_each_format(files):
     keep = d / "ai2d_test_ids.txt"
     keep.write_text("1\n")
     assert [r["id"] for r in readers.load([d / "ai2d", keep], d)[1]] == ["1.png-0"]
+
+def test_each_benchmark_scores_by_its_own_evaluator(files):
+    ok = json.loads(files["vqa_a_val2014"].read_text())
+    for a in ok["annotations"]:  # OK-VQA's annotations: the typed answer beside the stemmed one
+        a["answers"] = [{**x, "raw_answer": x["answer"]} for x in a["answers"]]
+    expect = {"vqa_a_val2014": "openflamingo", "textvqa": "textvqa", "vizwiz": "vizwiz",
+              "okvqa": "okvqa"}
+    files = {**files, "okvqa": dump(files["root"] / "okvqa" / "mscoco_val2014_annotations.json", ok)}
+    for name, rule in expect.items():
+        records = readers.load([files[name]])[1]
+        said = {str(r["id"]): r["answers"][0] for r in records}
+        assert metrics.score("vqa", records, said)["metric"] == rule, name
+
+
+def test_released_files_as_downloaded(capsys, files, tmp_path):
+    """POPE's answer files (no ids: matched by line), AI2D's ai2d_test_ids.csv, SEED-Bench-2's "Single Image",
+    TextVQA's Rosetta OCR file, NoCaps' domains, a prediction null."""
+    d = files["root"]
+    questions = [r["question"] for r in readers.load([files["pope"]])[1]]
+    pope = dump(tmp_path / "answer.json", [{"question": q.lower(), "answer": a} for q, a in
+                                           zip(questions, ["Yes, there is.", "No.", "no", "no"])], lines=True)
+    code, out, _ = call(capsys, "score", "--task", "pope", "--predictions", pope, "--references", files["pope"])
+    got = json.loads(out)
+    assert code == 0 and got["accuracy"] == 0.75 and got["metric"] == "POPE evaluate.py"
+    short = dump(tmp_path / "short.json", [{"question": questions[0], "answer": "yes"}], lines=True)
+    code, _, errors = call(capsys, "score", "--task", "pope", "--predictions", short, "--references", files["pope"])
+    assert code == 2 and "1 answers by line for 4 questions" in errors[0]
+    other = dump(tmp_path / "other.json", [{"question": "Is there a dog?", "answer": "yes"}] * 4, lines=True)
+    code, _, errors = call(capsys, "score", "--task", "pope", "--predictions", other, "--references", files["pope"])
+    assert code == 2 and "other.json:1" in errors[0] and "question file's order" in errors[0]
+    ids = d / "ai2d_test_ids.csv"
+    ids.write_text("1\n")
+    assert [r["id"] for r in readers.load([d / "ai2d", ids], d)[1]] == ["1.png-0"]
+    seed2 = json.loads(files["seed"].read_text())
+    for q in seed2["questions"]:
+        q["data_type"] = {"image": "Single Image", "video": "Multiple Images"}[q["data_type"]]
+    assert len(readers.load([dump(d / "seed" / "SEED-Bench_v2.json", seed2)], d / "seed")[1]) == 2
+    ocr = dump(tmp_path / "TextVQA_Rosetta_OCR_v0.2_val.json", {"dataset_name": "textvqa", "data": [
+        {"image_id": f"{i:016x}", "ocr_tokens": ["exit", str(i)], "ocr_info": []} for i in range(3)]})
+    plain = json.loads(files["textvqa"].read_text())
+    for q in plain["data"]:
+        del q["ocr_tokens"]
+    fmt, rs = readers.load([dump(tmp_path / "TextVQA_0.5.1_val.json", plain), ocr], d / "textvqa")
+    assert fmt == "textvqa" and [r["ocr_tokens"] for r in rs] == [["exit", "0"], ["exit", "1"], ["exit", "2"]]
+    assert readers.load([files["nocaps"]])[1][0]["domain"] == "in-domain"
+    null = dump(tmp_path / "null.json", [{"question_id": q, "answer": None if q == 10 else "cat"} for q in (10, 11, 20, 21)])
+    assert readers.read_predictions(null)["10"] == ""  # not the string 'None', which normalises to '0'
 
 # -----------------------------------------------------------------------------
 # prompts: the paper's few-shot documents, the chat template
@@ -395,11 +313,12 @@ def call(capsys, *argv):
 
 RUNS = {  # task: (data files, image folder, extra flags, --references for score)
     "vqav2": (["vqa_q_val2014", "vqa_a_val2014"], "coco", ["--prompt", "plain", "--shots", "2", "--demos",
-              "{vqa_q_train2014}", "{vqa_a_train2014}", "--demo-images", "{root}/coco"], ["vqa_a_val2014"]),
+              "{vqa_q_train2014}", "{vqa_a_train2014}", "--demo-images", "{root}/coco", "--num-beams", "3"],
+              ["vqa_a_val2014"]),
     "okvqa": (["vqa_q_val2014", "vqa_a_val2014"], "coco", [], ["vqa_a_val2014"]),
     "textvqa": (["textvqa"], "textvqa", ["--ocr-tokens"], ["textvqa"]),
     "vizwiz": (["vizwiz"], "vizwiz", [], ["vizwiz"]),
-    "coco": (["karpathy"], "coco", ["--prompt", "plain", "--shots", "2"], ["karpathy"]),
+    "coco": (["karpathy"], "coco", ["--prompt", "plain", "--shots", "2", "--num-beams", "3"], ["karpathy"]),
     "nocaps": (["nocaps"], "nocaps/val", [], ["nocaps"]),
     "textcaps": (["textcaps"], "textcaps", [], ["textcaps"]),
     "pope": (["pope"], "coco", [], ["pope"]),
@@ -438,6 +357,33 @@ def test_run_then_score_each_benchmark(capsys, files, tmp_path, task):
                                 *[path_of(files, n) for n in refs])
     assert code == 0, errors
     assert json.loads(stdout) == {**saved["metrics"], "missing": 0, "format": json.loads(stdout)["format"]}
+
+
+def test_rices_chooses_the_nearest_images_and_caches_them(files, tmp_path, monkeypatch):
+    """The training record whose image is the record's own comes last (nearest the question); the pool's
+    features are read back from the cache on a second call."""
+    m = evals_run.load_model(files["ckpt"])[0]
+    pool = readers.load([files["karpathy"]], files["root"] / "coco", split="train")[1]  # cocoids 3, 4, 5
+    record = {**pool[1], "id": "q"}  # the image of pool record 4
+    chosen = rices.choose(m, [record], pool, 2, "ckpt", tmp_path)["q"]
+    assert chosen[-1]["id"] == 4 and len(chosen) == 2
+    assert torch.equal(rices.nearest(torch.eye(3)[[2]], torch.eye(3), 3), torch.tensor([[1, 0, 2]]))
+    real = rices.image_features
+    monkeypatch.setattr(rices, "image_features", lambda m, recs, *a: real(m, recs) if len(recs) == 1 else 1 / 0)
+    assert rices.choose(m, [record], pool, 2, "ckpt", tmp_path)["q"] == chosen  # the pool from the cache
+
+
+def test_run_with_rices_and_trials(capsys, files, tmp_path):
+    preds, out = tmp_path / "coco.jsonl", tmp_path / "r.json"
+    code, stdout, errors = call(capsys, "run", "--checkpoint", files["ckpt"], "--task", "coco", "--data",
+                                files["karpathy"], "--images", files["root"] / "coco", "--prompt", "plain", "--shots",
+                                2, "--rices", "--rices-cache", tmp_path / "cache", "--trials", 2, "--predictions",
+                                preds, "--json", out, "--max-new-tokens", 3, "--quiet")
+    assert code == 0, errors
+    saved = json.loads(out.read_text())
+    assert saved["seeds"] == [42, 43] and len(saved["metrics"]["trials"]["CIDEr"]) == 2
+    assert (tmp_path / "coco-seed42.jsonl").is_file() and (tmp_path / "coco-seed43.jsonl").is_file()
+    assert list((tmp_path / "cache").glob("rices-*.pt"))
 
 
 def test_run_resumes_where_it_stopped(capsys, files, tmp_path, monkeypatch):

@@ -158,8 +158,9 @@ def test_cached_decoding_equals_full_forward(pair):
         # multi-token prefill, then single steps
         generate.setup_cache(ours, 2, 24)
         pre = ours.forward(idx[:, :10], input_pos=torch.arange(10))
-        valid, offset = torch.ones(2, 24, dtype=torch.bool), torch.zeros(2, dtype=torch.long)
-        rest = [generate.decode_step(ours, idx[:, t:t + 1], torch.tensor([t]), valid, offset) for t in range(10, 24)]
+        valid = torch.ones(2, 24, dtype=torch.bool)
+        rest = [generate.decode_one_token(ours, idx[:, t:t + 1], torch.tensor([t]), valid, torch.full((2, 1), t))
+                for t in range(10, 24)]
         got = torch.cat([pre, torch.stack(rest, 1)], 1)
         generate.clear_cache(ours)
     assert (got - full).abs().max() <= 1e-5
@@ -371,3 +372,21 @@ def test_sequence_reduction_is_the_summed_loss_of_each_row(pair):
     expected = torch.stack([F.cross_entropy(logits[b, :-1], labels[b, 1:], ignore_index=-100, reduction="sum")
                             for b in range(len(idx))])
     assert per_row.shape == (len(idx),) and (per_row - expected).abs().max().item() <= 1e-3
+
+
+def test_cache_is_kept_across_calls_and_leaves_forward_alone(pair):
+    """A second call of the same batch and length reuses the cache (so a compiled step keeps its graph) and gives
+    the same tokens; another batch size gets a new cache; a plain forward ignores a cache left by generation."""
+    _, ours, _ = pair
+    prompts, idx = [[1, 17, 33, 250, 9], [1, 300, 42]], torch.randint(3, 384, (2, 12))
+    with torch.no_grad():
+        full = ours(idx)
+        first = ours.generate(prompts, 8, stop_ids=[])
+        cache = ours.model.layers[0].self_attn.kv_cache
+        assert torch.equal(ours.generate(prompts, 8, stop_ids=[]), first)
+        assert ours.model.layers[0].self_attn.kv_cache is cache
+        assert torch.equal(ours(idx), full)
+        ours.generate(prompts[:1], 8, stop_ids=[])
+        assert ours.model.layers[0].self_attn.kv_cache is not cache
+        generate.clear_cache(ours)
+    assert all(b.self_attn.kv_cache is None for b in ours.model.layers)
