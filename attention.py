@@ -297,10 +297,20 @@ def choose(q, mask, dropout_p=0.0):
     return "sdpa"
 
 
+def autocast_inputs(q, k, v):
+    """q, k, v in the dtype SDPA would compute in: autocast's where it is on (fp32 master weights can hand over
+    fp32 q, k and bf16 v), else as given. The custom paths then see what SDPA sees."""
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
 def attention(q, k, v, mask=None, dropout_p=0.0, scale=None):
     """q (B, H, Tq, D), k and v (B, Hkv, Tk, D) with H a multiple of Hkv -> (B, H, Tq, D); `mask` a Mask
     (None: every query sees every key), scale D^-0.5 unless given."""
     mask = Mask() if mask is None else mask
+    q, k, v = autocast_inputs(q, k, v)
     path = _forced or choose(q, mask, dropout_p)
     if dropout_p > 0 and path != "sdpa":
         raise ValueError(f"attention dropout runs on the sdpa path only, not {path!r}")

@@ -25,6 +25,7 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+WIDEN_BF16 = tl.constexpr(INTERPRET)  # see `dot`
 
 
 def configs(block_m, block_n):
@@ -69,6 +70,16 @@ def key_blocks(m0, kstart, kend, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
+def dot(a, b, DOT: tl.constexpr):
+    """tl.dot of two tiles of one dtype. Triton's interpreter multiplies bf16 tiles as their raw 16-bit integers,
+    so there they are widened to fp32 first; a GPU multiplies them on its tensor cores as they are."""
+    tl.static_assert(a.dtype == b.dtype, "attention_triton: dot operands must share one dtype")
+    if WIDEN_BF16 and a.dtype == tl.bfloat16:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT)
+
+
+@triton.jit
 def load_tile(ptr, rows, n_rows, stride, cols, D):
     return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=(rows[:, None] < n_rows) & (cols[None, :] < D),
                    other=0.0)
@@ -103,14 +114,14 @@ def forward_kernel(Q, K, V, O, LSE, KS, KE, KEEP, qk_scale, window, sq_b, sq_h, 
         j = n0 + tl.arange(0, BLOCK_N)
         k = load_tile(K + b * sk_b + hk * sk_h, j, Tk, sk_t, d, D)  # (BLOCK_N, BLOCK_D)
         v = load_tile(V + b * sv_b + hk * sv_h, j, Tk, sv_t, d, D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        s = dot(q, tl.trans(k), DOT) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         s = tl.where(visible(i, j, kstart, kend, KEEP + b * Tk, window, Tq, CAUSAL, WINDOW, HAS_KEEP), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: keep exp2 finite
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m - m_safe)  # rescales what was summed under the old max
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT)
         m = m_new
     seen = l > 0
     o = acc / tl.where(seen, l, 1.0)[:, None]
@@ -151,13 +162,13 @@ def backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KS, KE, KEEP, qk_scale
             do = load_tile(DO + (b * H + h) * Tq * D, i, Tq, D, d, D)
             lse = tl.load(LSE + (b * H + h) * Tq + i, mask=i < Tq, other=float("inf"))
             delta = tl.load(DELTA + (b * H + h) * Tq + i, mask=i < Tq, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale
+            s = dot(q, tl.trans(k), DOT) * qk_scale
             ok = visible(i, j, kstart, kend, KEEP + b * Tk, window, Tq, CAUSAL, WINDOW, HAS_KEEP)
             p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # P, recomputed: (BLOCK_M, BLOCK_N)
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT)
+            dv += dot(tl.trans(p).to(do.dtype), do, DOT)
+            dp = dot(do, tl.trans(v), DOT)
             ds = p * (dp - delta[:, None])  # dS = P * (dP - rowsum(dO * O))
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT)
+            dk += dot(tl.trans(ds).to(q.dtype), q, DOT)
     store_tile(DK + bhk * Tk * D, (dk * scale).to(DK.dtype.element_ty), j, Tk, D, d, D)
     store_tile(DV + bhk * Tk * D, dv.to(DV.dtype.element_ty), j, Tk, D, d, D)
 
@@ -184,12 +195,12 @@ def backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KS, KE, KEEP, qk_scale, scal
         j = n0 + tl.arange(0, BLOCK_N)
         k = load_tile(K + b * sk_b + hk * sk_h, j, Tk, sk_t, d, D)
         v = load_tile(V + b * sv_b + hk * sv_h, j, Tk, sv_t, d, D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale
+        s = dot(q, tl.trans(k), DOT) * qk_scale
         ok = visible(i, j, kstart, kend, KEEP + b * Tk, window, Tq, CAUSAL, WINDOW, HAS_KEEP)
         p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT)
+        dp = dot(do, tl.trans(v), DOT)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT)
+        dq += dot(ds.to(k.dtype), k, DOT)
     store_tile(DQ + bh * Tq * D, (dq * scale).to(DQ.dtype.element_ty), i, Tq, D, d, D)
 
 # -----------------------------------------------------------------------------
@@ -231,7 +242,7 @@ class FlashAttention(torch.autograd.Function):
         q, k, v, o, lse, ks, ke, keep = ctx.saved_tensors
         B, H, Tq, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
-        do = do.contiguous()
+        do = do.to(o.dtype).contiguous()
         delta = (do.float() * o.float()).sum(-1)  # (B, H, Tq): rowsum(dO * O)
         dq = torch.empty(B, H, Tq, D, device=q.device, dtype=q.dtype)
         dk = torch.empty(B, Hkv, Tk, D, device=q.device, dtype=k.dtype)
@@ -250,4 +261,7 @@ def attention(q, k, v, mask, scale):
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("the Triton kernel runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set "
                            "before triton is imported")
+    if not q.dtype == k.dtype == v.dtype:  # tl.dot refuses mixed operands, deep inside the backward otherwise
+        raise TypeError(f"attention_triton: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
+                        "cast them (attention.attention does under autocast)")
     return FlashAttention.apply(q, k, v, mask, scale)

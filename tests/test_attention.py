@@ -122,15 +122,16 @@ CFG = replace(phi3.PRESETS["tiny"], vocab_size=64, hidden_size=32, intermediate_
               num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
 
 
-def padded_step(path, device="cpu"):
-    """Loss and every gradient of a training step on rows full, left-padded and right-padded, T > window."""
+def padded_step(path, device="cpu", autocast=False):
+    """Loss and every gradient of a training step on rows full, left-padded and right-padded, T > window; with
+    `autocast`, fp32 weights under bf16 autocast (the one-GPU default: fp32 master weights)."""
     torch.manual_seed(0)
     model = phi3.Phi3(CFG).init_weights(std=0.2).to(device)
     idx = torch.randint(3, 64, (3, 24))
     mask = torch.ones(3, 24, dtype=torch.long)
     mask[1, :7], mask[2, 15:] = 0, 0
     idx, mask = idx.to(device), mask.to(device)
-    with attention.use(path):
+    with attention.use(path), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=autocast):
         loss = model(idx, idx.masked_fill(mask == 0, -100), attention_mask=mask)
     loss.backward()
     return loss.detach(), [p.grad for p in model.parameters()]
@@ -145,6 +146,29 @@ def test_decoder_training_step_equals_the_reference_path(path, small_tiles):
     loss, grads = padded_step(path, device)
     assert (loss - ref_loss).abs() <= 1e-5
     assert max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, ref_grads)) <= 1e-4
+
+
+@pytest.mark.parametrize("path", ["reference", "blockwise", "sdpa", "triton"])
+def test_fp32_weights_under_bf16_autocast_train_on_every_path(path, small_tiles):
+    """fp32 weights give fp32 cos/sin while autocast gives bf16 q, k, v: rope must keep q and k in bf16, and
+    each path must see one dtype (the kernel's backward refused fp32 q with bf16 v). Within bf16's error of
+    the fp32 step; the fp32 tests above hold each path to the exact mask."""
+    device = KERNEL_DEVICE if path == "triton" else "cpu"
+    if path == "triton":
+        pytest.importorskip("triton")
+    ref_loss, ref_grads = padded_step("reference", device)
+    loss, grads = padded_step(path, device, autocast=True)
+    assert (loss - ref_loss).abs() <= 1e-2 and all(g.dtype == torch.float32 for g in grads)
+    assert max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, ref_grads)) <= 0.1  # ~0.05 seen
+
+
+def test_triton_kernel_refuses_mixed_dtypes():
+    pytest.importorskip("triton")
+    import attention_triton
+    mask, kv_heads, Tq, Tk = CASES["causal"]
+    q, k, v = (t.detach() for t in inputs(kv_heads, Tq, Tk, device=KERNEL_DEVICE)[0])
+    with pytest.raises(TypeError, match="must share one dtype, got torch.float32, torch.float32, torch.bfloat16"):
+        attention_triton.attention(q, k, v.bfloat16(), mask, D ** -0.5)
 
 
 def test_padded_windowed_training_builds_no_full_mask(monkeypatch, small_tiles):
