@@ -80,14 +80,15 @@ def dot(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
-def load_tile(ptr, rows, n_rows, stride, cols, D):
-    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=(rows[:, None] < n_rows) & (cols[None, :] < D),
-                   other=0.0)
+def load_tile(ptr, rows, n_rows, stride, cols, D):  # int64 row offsets: a long batch passes 2^31 elements
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :],
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < D), other=0.0)
 
 
 @triton.jit
 def store_tile(ptr, x, rows, n_rows, stride, cols, D):
-    tl.store(ptr + rows[:, None] * stride + cols[None, :], x, mask=(rows[:, None] < n_rows) & (cols[None, :] < D))
+    tl.store(ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], x,
+             mask=(rows[:, None] < n_rows) & (cols[None, :] < D))
 
 # -----------------------------------------------------------------------------
 # forward
@@ -99,7 +100,7 @@ def forward_kernel(Q, K, V, O, LSE, KS, KE, KEEP, qk_scale, window, sq_b, sq_h, 
                    sv_b, sv_h, sv_t, H, G, Tq, Tk, D, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                    WINDOW: tl.constexpr, HAS_KEEP: tl.constexpr, DOT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid, bh = tl.program_id(0), tl.program_id(1)
+    pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets, as load_tile's
     b, h = bh // H, bh % H
     hk = h // G  # the key/value head this query head reads
     i = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -138,7 +139,7 @@ def backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KS, KE, KEEP, qk_scale
                          sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H, G, Tq, Tk, D,
                          BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KEEP: tl.constexpr,
                          DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid, bhk = tl.program_id(0), tl.program_id(1)
+    pid, bhk = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, hk = bhk // (H // G), bhk % (H // G)
     n0 = pid * BLOCK_N
     j = n0 + tl.arange(0, BLOCK_N)
@@ -179,7 +180,7 @@ def backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KS, KE, KEEP, qk_scale, scal
                        sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H, G, Tq, Tk, D,
                        BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KEEP: tl.constexpr,
                        DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid, bh = tl.program_id(0), tl.program_id(1)
+    pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets, as load_tile's
     b, h = bh // H, bh % H
     hk = h // G
     i = pid * BLOCK_M + tl.arange(0, BLOCK_M)
