@@ -28,12 +28,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 WIDEN_BF16 = tl.constexpr(INTERPRET)  # see `dot`
 
 
-def configs(block_m, block_n):
-    """Tile sizes to try on a GPU (autotuned per head size and mask kind); one small tile in the interpreter."""
+def configs(*tiles):
+    """Tile sizes to try on a GPU, (BLOCK_M, BLOCK_N, warps) each, autotuned per head size and mask kind: two
+    per kernel, as each one tried is a compile per key (a cold check would spend minutes on more); one small
+    tile in the interpreter."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n in zip(block_m, block_n) for w, s in ((4, 3), (8, 3))]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=3) for m, n, w in tiles]
 
 
 KEY = ["BLOCK_D", "CAUSAL", "WINDOW", "HAS_KEEP"]
@@ -94,7 +95,7 @@ def store_tile(ptr, x, rows, n_rows, stride, cols, D):
 # forward
 
 
-@triton.autotune(configs([128, 128, 64], [64, 128, 64]), key=KEY)
+@triton.autotune(configs((128, 64, 4), (128, 128, 8)), key=KEY)
 @triton.jit
 def forward_kernel(Q, K, V, O, LSE, KS, KE, KEEP, qk_scale, window, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
                    sv_b, sv_h, sv_t, H, G, Tq, Tk, D, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
@@ -133,7 +134,7 @@ def forward_kernel(Q, K, V, O, LSE, KS, KE, KEEP, qk_scale, window, sq_b, sq_h, 
 # backward
 
 
-@triton.autotune(configs([32, 64, 64], [128, 64, 128]), key=KEY)
+@triton.autotune(configs((32, 128, 4), (64, 64, 4)), key=KEY)
 @triton.jit
 def backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KS, KE, KEEP, qk_scale, scale, window,
                          sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H, G, Tq, Tk, D,
@@ -174,7 +175,7 @@ def backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KS, KE, KEEP, qk_scale
     store_tile(DV + bhk * Tk * D, dv.to(DV.dtype.element_ty), j, Tk, D, d, D)
 
 
-@triton.autotune(configs([128, 64, 64], [32, 64, 128]), key=KEY)
+@triton.autotune(configs((128, 32, 4), (64, 64, 4)), key=KEY)
 @triton.jit
 def backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KS, KE, KEEP, qk_scale, scale, window,
                        sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H, G, Tq, Tk, D,

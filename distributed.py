@@ -65,8 +65,9 @@ def all_sum(x):
 
 
 def wrap(m, device, world, fsdp=False):
-    """DDP (default) or FSDP2 across ranks; returns the module to call (the unwrapped model stays `m`)."""
-    if world == 1:
+    """DDP (default) or FSDP2 across ranks; returns the module to call (the unwrapped model stays `m`). Under
+    torchrun even one process is wrapped (a one-rank mesh): what runs on one GPU is what runs on eight."""
+    if not dist.is_initialized():
         return m
     if fsdp:
         try:
