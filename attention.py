@@ -45,6 +45,7 @@ class Mask:
     key_end: torch.Tensor | None = None    # (B,) long: one past its last key (right padding)
     key_keep: torch.Tensor | None = None   # (B, Tk) bool: False hides a key (any pattern)
     q_pos: torch.Tensor | None = None      # (Tq,) long: the queries' slots among the keys; None = 0..Tq-1
+    right_only: bool = False               # from_padding: every row starts at key 0 (padding on the right only)
 
     def __post_init__(self):
         if self.window is not None and not self.causal:
@@ -63,11 +64,18 @@ class Mask:
             row = int(bad.int().argmax())
             raise ValueError(f"attention_mask rows must be one run of 1s (left or right padding); row {row} is "
                              f"{attention_mask[row].tolist()}")
-        return cls(causal, window, start, end)
+        return cls(causal, window, start, end, right_only=not bool(start.any()))  # read once, not per layer
 
     def binding_window(self, Tq):
         """True when the window hides some key: some query sits `window` or more slots after a key."""
         return self.window is not None and Tq > self.window
+
+    def causal_suffices(self, Tq, Tk):
+        """Right padding only, causal self-attention, the window not binding: a real query never reaches a pad
+        key (pad keys lie to its right), so plain causal attention gives every real query its output. Pad
+        queries then see pad keys too; nothing reads them (their labels are -100; decoding pads on the left)."""
+        return (self.right_only and self.causal and self.key_keep is None and self.q_pos is None and Tq == Tk
+                and not self.binding_window(Tq))
 
     def per_query(self, Tq):
         """True when different queries see different keys: then SDPA would need a (B, 1, Tq, Tk) mask."""
@@ -287,14 +295,18 @@ def use(path):
         _forced = saved
 
 
-def choose(q, mask, dropout_p=0.0):
-    """The path for this call: Triton on CUDA where queries see different keys (padding, a binding window),
-    where SDPA would need a mask and so could not run its flash kernel; SDPA everywhere else, and for
-    decoding and dropout. The blockwise path is never chosen: on a CPU SDPA per chunk beat it at 1-2k tokens
-    and matched it at 4k (docs/benchmarks.md); it is there to be read. `use` overrides the choice."""
+def choose(q, k, mask, dropout_p=0.0):
+    """(path, mask) for this call. A right-padded causal batch inside the window goes to SDPA as plain causal
+    attention (its flash kernel; see Mask.causal_suffices). Otherwise the Triton kernel on CUDA where queries
+    see different keys (left padding, a binding window), where SDPA would need a mask and so could not run its
+    flash kernel; SDPA everywhere else, and for decoding and dropout. The blockwise path is never chosen: on a
+    CPU SDPA per chunk beat it at 1-2k tokens and matched it at 4k (docs/benchmarks.md); it is there to be
+    read. `use` overrides the choice, and keeps the mask as given."""
+    if mask.causal_suffices(q.shape[2], k.shape[2]):
+        return "sdpa", Mask(causal=True)
     if mask.per_query(q.shape[2]) and mask.q_pos is None and dropout_p == 0 and q.is_cuda and triton_ready():
-        return "triton"
-    return "sdpa"
+        return "triton", mask
+    return "sdpa", mask
 
 
 def autocast_inputs(q, k, v):
@@ -311,7 +323,7 @@ def attention(q, k, v, mask=None, dropout_p=0.0, scale=None):
     (None: every query sees every key), scale D^-0.5 unless given."""
     mask = Mask() if mask is None else mask
     q, k, v = autocast_inputs(q, k, v)
-    path = _forced or choose(q, mask, dropout_p)
+    path, mask = (_forced, mask) if _forced else choose(q, k, mask, dropout_p)
     if dropout_p > 0 and path != "sdpa":
         raise ValueError(f"attention dropout runs on the sdpa path only, not {path!r}")
     if path == "sdpa":

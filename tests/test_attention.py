@@ -107,7 +107,12 @@ def test_reference_rules():
 
 def test_dispatch():
     q = torch.zeros(1, 1, 5, 8)
-    assert attention.choose(q, Mask(causal=True, window=4)) == "sdpa"  # CPU: SDPA, per query chunk
+    assert attention.choose(q, q, Mask(causal=True, window=4))[0] == "sdpa"  # CPU: SDPA, per query chunk
+    right, left = (Mask.from_padding(torch.tensor(m), causal=True, window=5) for m in ([[1] * 5, [1, 1, 1, 0, 0]],
+                                                                                       [[1] * 5, [0, 0, 1, 1, 1]]))
+    assert attention.choose(q, q, right) == ("sdpa", Mask(causal=True))  # no mask: SDPA's flash kernel
+    assert attention.choose(q, q, left)[1] is left  # left padding: the mask as given
+    assert attention.choose(q, q, replace(right, window=4))[1].key_end is not None  # a binding window too
     assert not Mask(causal=True, window=5).per_query(5) and Mask(causal=True, window=4).per_query(5)
     assert not Mask(key_keep=torch.ones(1, 5, dtype=torch.bool)).per_query(5)  # the resampler: one row of keys
     with pytest.raises(ValueError, match="unknown attention path"):
@@ -169,6 +174,30 @@ def test_triton_kernel_refuses_mixed_dtypes():
     q, k, v = (t.detach() for t in inputs(kv_heads, Tq, Tk, device=KERNEL_DEVICE)[0])
     with pytest.raises(TypeError, match="must share one dtype, got torch.float32, torch.float32, torch.bfloat16"):
         attention_triton.attention(q, k, v.bfloat16(), mask, D ** -0.5)
+
+
+def test_right_padded_batches_inside_the_window_train_as_plain_causal(monkeypatch):
+    """Right padding, T within the window: the default choice runs SDPA with is_causal and no mask, and gives
+    the masked reference's loss and gradients (real queries never reach the pad keys on their right)."""
+    calls, sdpa = [], attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append((kw["attn_mask"], kw["is_causal"])) or sdpa(*a, **kw))
+    cfg = replace(CFG, sliding_window=32)
+
+    def step(path):
+        torch.manual_seed(0)
+        model = phi3.Phi3(cfg).init_weights(std=0.2)
+        idx, mask = torch.randint(3, 64, (3, 24)), torch.ones(3, 24, dtype=torch.long)
+        mask[1, 15:], mask[2, 5:] = 0, 0
+        with attention.use(path):
+            loss = model(idx, idx.masked_fill(mask == 0, -100), attention_mask=mask)
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters()]
+    ref_loss, ref_grads = step("reference")
+    loss, grads = step(None)
+    assert calls and all(m is None and causal for m, causal in calls)
+    assert (loss - ref_loss).abs() <= 1e-5
+    assert max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, ref_grads)) <= 1e-4
 
 
 def test_padded_windowed_training_builds_no_full_mask(monkeypatch, small_tiles):
