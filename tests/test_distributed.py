@@ -94,6 +94,16 @@ def test_accumulation_under_fsdp2_equals_one_big_batch(world, tmp_path):
     agree(tmp_path / "one", tmp_path / "two", tmp_path / "one" / "ckpt-0000002", tmp_path / "two" / "ckpt-0000002")
 
 
+RECORDING = """import json, os, sys
+sys.path.insert(0, {root!r})
+import checkpoint, train
+reads, load_file = [], checkpoint.load_file
+checkpoint.load_file = lambda path, *a, **kw: reads.append(str(path)) or load_file(path, *a, **kw)
+train.main(sys.argv[1:])
+open(os.path.join({out!r}, "reads-" + os.environ["RANK"] + ".json"), "w").write(json.dumps(reads))
+"""
+
+
 def test_fsdp2_resume_of_a_lora_stage_equals_an_uninterrupted_run(world, tmp_path):
     one(train.main, "--data", world / "mixtures" / "sft.json", "--out-dir", tmp_path / "base", "--max-steps", "1",
         "--batch-size", "2", *FAST)
@@ -101,7 +111,12 @@ def test_fsdp2_resume_of_a_lora_stage_equals_an_uninterrupted_run(world, tmp_pat
               "--batch-size", "1", "--max-steps", "4", "--fsdp", *LORA, *FAST]
     two("train.py", *common, "--out-dir", tmp_path / "full")
     two("train.py", *common, "--out-dir", tmp_path / "part", "--stop-after", "2")
-    two("train.py", *common, "--out-dir", tmp_path / "part", "--resume")
+    recording = tmp_path / "recording.py"  # train.py, noting which files each rank reads with load_file
+    recording.write_text(RECORDING.format(root=str(ROOT), out=str(tmp_path)))
+    two(recording, *common, "--out-dir", tmp_path / "part", "--resume")
+    reads = [json.loads((tmp_path / f"reads-{r}.json").read_text()) for r in (0, 1)]
+    assert any(p.endswith("optimizer.safetensors") for p in reads[0])  # rank 0 reads the optimiser state and
+    assert not any(p.endswith("optimizer.safetensors") for p in reads[1])  # broadcasts it: rank 1 never holds it
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "part")
     assert [r["loss"] for r in a] == [r["loss"] for r in b] and [r["step"] for r in b] == [1, 2, 3, 4]
     wa, wb = weights(tmp_path / "full" / "ckpt-0000004"), weights(tmp_path / "part" / "ckpt-0000004")
