@@ -1,7 +1,8 @@
 """bench/gpu.py, the one-GPU check, before any GPU minute is spent: `python -m bench.gpu --dry-run` runs every
 step on the CPU at tiny sizes (torchrun on gloo) and writes a summary with every row ok; a step that fails is
 one failed row and the summary is on disk after each row; the batch search reports the largest batch that
-fits; the decode bound counts the KV cache; sample.py's decode rate leaves compilation out."""
+fits; the decode bound counts the KV cache; sample.py's decode rate leaves compilation out; the FSDP2 memory
+arithmetic counts the unsharded gradients of gradient accumulation."""
 import json
 import subprocess
 import sys
@@ -69,3 +70,18 @@ def test_compiled_decode_rate_leaves_the_first_steps_out():
     s.times = [0.0, 1.0, 11.0, 12.0, 13.0, 14.0]  # prefill 1 s; the first step compiles (10 s); then 1 s each
     assert s.speed() == "[5 tokens; first after 1.00s, then 0.3 tok/s]"
     assert s.speed(warmup=2) == "[5 tokens; first after 1.00s, then 1.0 tok/s]"
+
+
+def test_fsdp2_memory_counts_the_unsharded_gradients_of_accumulation():
+    """--grad-accum 2 under FSDP2: the trained gradients stay unsharded in fp32 until the step's last backward."""
+    from types import SimpleNamespace
+    import bench.fsdp_memory
+    c = {"layers": 2, "blocks": 200, "model": 1000, "vit": 300, "lora": 20}
+    act = {"block": (0, 10), "block_lora": (0, 12), "head_sft": (5, 1), "head_dpo": (5, 2), "resampler_group": (3, 7)}
+    cfg = SimpleNamespace(text=SimpleNamespace(hidden_size=4))
+    plan = lambda accum, lora_run: bench.fsdp_memory.fsdp_plan(c, act, cfg, 4, 1, 10, 2, 6, lora_run,  # noqa: E731
+                                                               grad_accum=accum)
+    for lora_run, trained in ((False, 700), (True, 20)):
+        one, two = plan(1, lora_run), plan(2, lora_run)
+        extra = {k: v for k, v in two.items() if k not in one}
+        assert list(extra.values()) == [4 * trained] and all(two[k] == one[k] for k in one)
