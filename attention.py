@@ -16,8 +16,11 @@ all call `attention(q, k, v, mask)` here, with q (B, H, Tq, D) and k, v (B, Hkv,
      (attention_triton.py); CUDA tensors, or CPU ones under TRITON_INTERPRET=1 (the tests).
   and `sdpa`, PyTorch's fused kernels given the smallest mask they need: none, one row of keys, or, where
   queries see different keys, one mask per chunk of 512 queries over the keys the chunk reaches.
-- `choose` picks per call: the Triton kernel on CUDA where queries see different keys (padding, a binding
-  window), SDPA elsewhere (on a CPU it beat or matched the blockwise path: docs/benchmarks.md).
+- `choose` picks per call: SDPA with no mask for right-padded causal batches inside the window (pad keys lie
+  to the right of every real query); the Triton kernel on CUDA where queries see different keys (left
+  padding, a binding window); SDPA elsewhere (on a CPU the fastest: docs/benchmarks.md, Attention).
+- Under autocast q, k and v are cast to autocast's dtype first, as SDPA casts them: fp32 master weights can
+  hand over fp32 q, k and bf16 v, which the Triton kernel refuses.
 - Cached decoding keeps its static KV cache: `Mask.q_pos` places the queries at cache slots, and that call
   goes to SDPA with a (B, 1, Tq, slots) mask (one row per decoded token).
 
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-BLOCK = 256  # the blockwise path's tile, queries and keys (of 128 / 256 / 512, fastest on a 2-core CPU)
+BLOCK = 256  # the blockwise path's tile, queries and keys (why 256: docs/benchmarks.md, Attention)
 CHUNK = 512  # queries per SDPA call where queries see different keys: its mask is CHUNK x (CHUNK + window)
 
 # -----------------------------------------------------------------------------
@@ -299,9 +302,9 @@ def choose(q, k, mask, dropout_p=0.0):
     """(path, mask) for this call. A right-padded causal batch inside the window goes to SDPA as plain causal
     attention (its flash kernel; see Mask.causal_suffices). Otherwise the Triton kernel on CUDA where queries
     see different keys (left padding, a binding window), where SDPA would need a mask and so could not run its
-    flash kernel; SDPA everywhere else, and for decoding and dropout. The blockwise path is never chosen: on a
-    CPU SDPA per chunk beat it at 1-2k tokens and matched it at 4k (docs/benchmarks.md); it is there to be
-    read. `use` overrides the choice, and keeps the mask as given."""
+    flash kernel; SDPA everywhere else, and for decoding and dropout. The blockwise path is never chosen (on a
+    CPU SDPA per chunk was as fast or faster: docs/benchmarks.md); it is there to be read. `use` overrides the
+    choice, and keeps the mask as given."""
     if mask.causal_suffices(q.shape[2], k.shape[2]):
         return "sdpa", Mask(causal=True)
     if mask.per_query(q.shape[2]) and mask.q_pos is None and dropout_p == 0 and q.is_cuda and triton_ready():
