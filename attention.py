@@ -9,9 +9,9 @@ all call `attention(q, k, v, mask)` here, with q (B, H, Tq, D) and k, v (B, Hkv,
 - Grouped-query heads: H query heads share Hkv = H / G key/value heads; no path copies k or v G times.
 - Three paths that give the same numbers, forced with `use(...)`:
   1. `reference`: scores, mask, softmax: the math to read first; builds the (B, 1, Tq, Tk) mask.
-  2. `blockwise`: FlashAttention's algorithm in plain PyTorch: query blocks against key blocks with an
-     online softmax; only a block of scores exists at a time, and only the blocks the mask can reach are
-     visited. Backward recomputes the scores per block from the saved log-sum-exp (O(T) memory).
+  2. `blockwise`: FlashAttention's algorithm in plain PyTorch (attention_blockwise.py): query blocks against
+     key blocks with an online softmax; only a block of scores exists at a time, and only the blocks the
+     mask can reach are visited. Backward recomputes the scores per block from the saved log-sum-exp.
   3. `triton`: the same algorithm as a FlashAttention-2 Triton kernel, forward and backward
      (attention_triton.py); CUDA tensors, or CPU ones under TRITON_INTERPRET=1 (the tests).
   and `sdpa`, PyTorch's fused kernels given the smallest mask they need: none, one row of keys, or, where
@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-BLOCK = 256  # the blockwise path's tile, queries and keys (why 256: docs/benchmarks.md, Attention)
 CHUNK = 512  # queries per SDPA call where queries see different keys: its mask is CHUNK x (CHUNK + window)
 
 # -----------------------------------------------------------------------------
@@ -125,7 +124,7 @@ def reference(q, k, v, mask, scale=None):
     return (p @ v.float()).to(q.dtype)
 
 # -----------------------------------------------------------------------------
-# path 2: blockwise online softmax in PyTorch
+# blocks: the keys each block of queries can reach (the blockwise path's loops, SDPA's chunks)
 
 
 def key_range(mask, i0, i1, Tk, bounds):
@@ -147,92 +146,17 @@ def blocks(mask, Tq, Tk, block):
         lo, hi = key_range(mask, i0, i1, Tk, bounds)
         yield i0, i1, [(j0, min(j0 + block, hi)) for j0 in range(lo, hi, block)]
 
-
-class Blockwise(torch.autograd.Function):
-    """FlashAttention in PyTorch. A query block of the G heads sharing a kv head is one (B, Hkv, G*bq, D)
-    matrix, so every product is a plain batched matmul against that head's k and v (B, Hkv, bk, D)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scale, block):
-        B, Hkv = k.shape[:2]
-        q5 = q.unflatten(1, (Hkv, -1))  # (B, Hkv, G, Tq, D)
-        o = torch.zeros_like(q5)
-        lse = torch.full(q5.shape[:-1], float("inf"), device=q.device)  # +inf: a row that sees no key
-        for i0, i1, keys in blocks(mask, q.shape[2], k.shape[2], block):
-            qb = q5[..., i0:i1, :].flatten(2, 3).float() * scale  # (B, Hkv, G*bq, D)
-            m = torch.full(qb.shape[:-1], float("-inf"), device=q.device)  # running max
-            l = torch.zeros_like(m)                                          # running sum of exp(s - m)
-            acc = torch.zeros_like(qb)                                       # running P @ V
-            for j0, j1 in keys:
-                s = scores(qb, k, mask, i0, i1, j0, j1)  # (B, Hkv, G*bq, bk), -inf where hidden
-                m_new = torch.maximum(m, s.amax(-1))
-                m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # a row with no key yet: exp(-inf) = 0
-                p = s.sub_(m_safe[..., None]).exp_()
-                alpha = torch.exp(m - m_safe)  # rescales what was summed under the old max
-                l = l * alpha + p.sum(-1)
-                acc = acc.mul_(alpha[..., None]).add_(p @ v[:, :, j0:j1].float())
-                m = m_new
-            seen = l > 0
-            o[..., i0:i1, :] = (acc / torch.where(seen, l, 1.0)[..., None]).unflatten(2, (-1, i1 - i0))
-            lse[..., i0:i1] = torch.where(seen, m + l.log(), float("inf")).unflatten(2, (-1, i1 - i0))
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.mask, ctx.scale, ctx.block = mask, scale, block
-        return o.flatten(1, 2)
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        mask, scale = ctx.mask, ctx.scale
-        q5, do = q.unflatten(1, o.shape[1:3]), do.unflatten(1, o.shape[1:3])
-        delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O) = rowsum(P * dP): the softmax's Jacobian term
-        dq = torch.zeros(q5.shape, device=q.device)
-        dk, dv = torch.zeros(k.shape, device=q.device), torch.zeros(v.shape, device=q.device)
-        for i0, i1, keys in blocks(mask, q.shape[2], k.shape[2], ctx.block):
-            rows = lambda t: t[..., i0:i1, :].flatten(2, 3).float()  # noqa: E731  (B, Hkv, G*bq, D)
-            qb, dob = rows(q5), rows(do)
-            qs = qb * scale
-            lse_b, delta_b = lse[..., i0:i1].flatten(2, 3)[..., None], delta[..., i0:i1].flatten(2, 3)[..., None]
-            dqb = torch.zeros_like(qb)
-            for j0, j1 in keys:
-                kb, vb = k[:, :, j0:j1].float(), v[:, :, j0:j1].float()
-                p = scores(qs, k, mask, i0, i1, j0, j1).sub_(lse_b).exp_()  # P, recomputed
-                dv[:, :, j0:j1] += p.transpose(-2, -1) @ dob  # sums over the G heads: they share this v
-                ds = p * (dob @ vb.transpose(-2, -1) - delta_b)  # dS = P * (dP - delta)
-                dqb += ds @ kb * scale
-                dk[:, :, j0:j1] += ds.transpose(-2, -1) @ qb * scale
-            dq[..., i0:i1, :] = dqb.unflatten(2, (-1, i1 - i0))
-        return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
-
-
-def scores(qb, k, mask, i0, i1, j0, j1):
-    """Scores of the query rows qb (already scaled) against keys j0:j1, -inf where hidden: (B, Hkv, G*bq, bk)."""
-    s = qb @ k[:, :, j0:j1].float().transpose(-2, -1)
-    if all_visible(mask, i0, i1, j0, j1):  # most blocks: no mask to build
-        return s
-    ok = visible(mask, torch.arange(i0, i1, device=qb.device), torch.arange(j0, j1, device=qb.device))
-    s5 = s.view(*s.shape[:2], -1, i1 - i0, j1 - j0)  # (B, Hkv, G, bq, bk): the mask is the same for all G
-    s5.masked_fill_(~ok[:, :, None], float("-inf"))
-    return s
-
-
-def all_visible(mask, i0, i1, j0, j1):
-    """Every query i0..i1-1 sees every key j0..j1-1 (checked on the block's corners and the row ranges)."""
-    if mask.key_keep is not None or mask.q_pos is not None:
-        return False
-    if mask.causal and j1 - 1 > i0 or mask.window is not None and i1 - 1 - j0 >= mask.window:
-        return False
-    return ((mask.key_start is None or j0 >= int(mask.key_start.max()))
-            and (mask.key_end is None or j1 <= int(mask.key_end.min())))
+# -----------------------------------------------------------------------------
+# path 2: blockwise online softmax in PyTorch (attention_blockwise.py); path 3: the Triton kernel
+# (attention_triton.py); and PyTorch's own SDPA
 
 
 def blockwise(q, k, v, mask, scale=None, block=None):
+    import attention_blockwise  # its own file, as the kernel's: the algorithm to read beside attention_triton.py
     if mask.q_pos is not None:
         raise ValueError("the blockwise path serves training and prefill; cached decoding (q_pos) goes to SDPA")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return Blockwise.apply(q, k, v, mask, scale, block or BLOCK)
-
-# -----------------------------------------------------------------------------
-# path 3: the Triton kernel (attention_triton.py), and PyTorch's own SDPA
+    return attention_blockwise.Blockwise.apply(q, k, v, mask, scale, block or attention_blockwise.BLOCK)
 
 
 def triton(q, k, v, mask, scale=None):

@@ -72,7 +72,8 @@ def errors(case, path, device="cpu"):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(attention, "BLOCK", 16)
+    import attention_blockwise
+    monkeypatch.setattr(attention_blockwise, "BLOCK", 16)
     monkeypatch.setattr(attention, "CHUNK", 16)
 
 
