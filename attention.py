@@ -9,15 +9,18 @@ all call `attention(q, k, v, mask)` here, with q (B, H, Tq, D) and k, v (B, Hkv,
 - Grouped-query heads: H query heads share Hkv = H / G key/value heads; no path copies k or v G times.
 - Three paths that give the same numbers, forced with `use(...)`:
   1. `reference`: scores, mask, softmax: the math to read first; builds the (B, 1, Tq, Tk) mask.
-  2. `blockwise`: FlashAttention's algorithm in plain PyTorch: query blocks against key blocks with an
-     online softmax; only a block of scores exists at a time, and only the blocks the mask can reach are
-     visited. Backward recomputes the scores per block from the saved log-sum-exp (O(T) memory).
+  2. `blockwise`: FlashAttention's algorithm in plain PyTorch (attention_blockwise.py): query blocks against
+     key blocks with an online softmax; only a block of scores exists at a time, and only the blocks the
+     mask can reach are visited. Backward recomputes the scores per block from the saved log-sum-exp.
   3. `triton`: the same algorithm as a FlashAttention-2 Triton kernel, forward and backward
      (attention_triton.py); CUDA tensors, or CPU ones under TRITON_INTERPRET=1 (the tests).
   and `sdpa`, PyTorch's fused kernels given the smallest mask they need: none, one row of keys, or, where
   queries see different keys, one mask per chunk of 512 queries over the keys the chunk reaches.
-- `choose` picks per call: the Triton kernel on CUDA where queries see different keys (padding, a binding
-  window), SDPA elsewhere (on a CPU it beat or matched the blockwise path: docs/benchmarks.md).
+- `choose` picks per call: SDPA with no mask for right-padded causal batches inside the window (pad keys lie
+  to the right of every real query); the Triton kernel on CUDA where queries see different keys (left
+  padding, a binding window); SDPA elsewhere (on a CPU the fastest: docs/benchmarks.md, Attention).
+- Under autocast q, k and v are cast to autocast's dtype first, as SDPA casts them: fp32 master weights can
+  hand over fp32 q, k and bf16 v, which the Triton kernel refuses.
 - Cached decoding keeps its static KV cache: `Mask.q_pos` places the queries at cache slots, and that call
   goes to SDPA with a (B, 1, Tq, slots) mask (one row per decoded token).
 
@@ -30,7 +33,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-BLOCK = 256  # the blockwise path's tile, queries and keys (of 128 / 256 / 512, fastest on a 2-core CPU)
 CHUNK = 512  # queries per SDPA call where queries see different keys: its mask is CHUNK x (CHUNK + window)
 
 # -----------------------------------------------------------------------------
@@ -45,6 +47,7 @@ class Mask:
     key_end: torch.Tensor | None = None    # (B,) long: one past its last key (right padding)
     key_keep: torch.Tensor | None = None   # (B, Tk) bool: False hides a key (any pattern)
     q_pos: torch.Tensor | None = None      # (Tq,) long: the queries' slots among the keys; None = 0..Tq-1
+    right_only: bool = False               # from_padding: every row starts at key 0 (padding on the right only)
 
     def __post_init__(self):
         if self.window is not None and not self.causal:
@@ -63,11 +66,18 @@ class Mask:
             row = int(bad.int().argmax())
             raise ValueError(f"attention_mask rows must be one run of 1s (left or right padding); row {row} is "
                              f"{attention_mask[row].tolist()}")
-        return cls(causal, window, start, end)
+        return cls(causal, window, start, end, right_only=not bool(start.any()))  # read once, not per layer
 
     def binding_window(self, Tq):
         """True when the window hides some key: some query sits `window` or more slots after a key."""
         return self.window is not None and Tq > self.window
+
+    def causal_suffices(self, Tq, Tk):
+        """Right padding only, causal self-attention, the window not binding: a real query never reaches a pad
+        key (pad keys lie to its right), so plain causal attention gives every real query its output. Pad
+        queries then see pad keys too; nothing reads them (their labels are -100; decoding pads on the left)."""
+        return (self.right_only and self.causal and self.key_keep is None and self.q_pos is None and Tq == Tk
+                and not self.binding_window(Tq))
 
     def per_query(self, Tq):
         """True when different queries see different keys: then SDPA would need a (B, 1, Tq, Tk) mask."""
@@ -114,7 +124,7 @@ def reference(q, k, v, mask, scale=None):
     return (p @ v.float()).to(q.dtype)
 
 # -----------------------------------------------------------------------------
-# path 2: blockwise online softmax in PyTorch
+# blocks: the keys each block of queries can reach (the blockwise path's loops, SDPA's chunks)
 
 
 def key_range(mask, i0, i1, Tk, bounds):
@@ -136,92 +146,17 @@ def blocks(mask, Tq, Tk, block):
         lo, hi = key_range(mask, i0, i1, Tk, bounds)
         yield i0, i1, [(j0, min(j0 + block, hi)) for j0 in range(lo, hi, block)]
 
-
-class Blockwise(torch.autograd.Function):
-    """FlashAttention in PyTorch. A query block of the G heads sharing a kv head is one (B, Hkv, G*bq, D)
-    matrix, so every product is a plain batched matmul against that head's k and v (B, Hkv, bk, D)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scale, block):
-        B, Hkv = k.shape[:2]
-        q5 = q.unflatten(1, (Hkv, -1))  # (B, Hkv, G, Tq, D)
-        o = torch.zeros_like(q5)
-        lse = torch.full(q5.shape[:-1], float("inf"), device=q.device)  # +inf: a row that sees no key
-        for i0, i1, keys in blocks(mask, q.shape[2], k.shape[2], block):
-            qb = q5[..., i0:i1, :].flatten(2, 3).float() * scale  # (B, Hkv, G*bq, D)
-            m = torch.full(qb.shape[:-1], float("-inf"), device=q.device)  # running max
-            l = torch.zeros_like(m)                                          # running sum of exp(s - m)
-            acc = torch.zeros_like(qb)                                       # running P @ V
-            for j0, j1 in keys:
-                s = scores(qb, k, mask, i0, i1, j0, j1)  # (B, Hkv, G*bq, bk), -inf where hidden
-                m_new = torch.maximum(m, s.amax(-1))
-                m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # a row with no key yet: exp(-inf) = 0
-                p = s.sub_(m_safe[..., None]).exp_()
-                alpha = torch.exp(m - m_safe)  # rescales what was summed under the old max
-                l = l * alpha + p.sum(-1)
-                acc = acc.mul_(alpha[..., None]).add_(p @ v[:, :, j0:j1].float())
-                m = m_new
-            seen = l > 0
-            o[..., i0:i1, :] = (acc / torch.where(seen, l, 1.0)[..., None]).unflatten(2, (-1, i1 - i0))
-            lse[..., i0:i1] = torch.where(seen, m + l.log(), float("inf")).unflatten(2, (-1, i1 - i0))
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.mask, ctx.scale, ctx.block = mask, scale, block
-        return o.flatten(1, 2)
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        mask, scale = ctx.mask, ctx.scale
-        q5, do = q.unflatten(1, o.shape[1:3]), do.unflatten(1, o.shape[1:3])
-        delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O) = rowsum(P * dP): the softmax's Jacobian term
-        dq = torch.zeros(q5.shape, device=q.device)
-        dk, dv = torch.zeros(k.shape, device=q.device), torch.zeros(v.shape, device=q.device)
-        for i0, i1, keys in blocks(mask, q.shape[2], k.shape[2], ctx.block):
-            rows = lambda t: t[..., i0:i1, :].flatten(2, 3).float()  # noqa: E731  (B, Hkv, G*bq, D)
-            qb, dob = rows(q5), rows(do)
-            qs = qb * scale
-            lse_b, delta_b = lse[..., i0:i1].flatten(2, 3)[..., None], delta[..., i0:i1].flatten(2, 3)[..., None]
-            dqb = torch.zeros_like(qb)
-            for j0, j1 in keys:
-                kb, vb = k[:, :, j0:j1].float(), v[:, :, j0:j1].float()
-                p = scores(qs, k, mask, i0, i1, j0, j1).sub_(lse_b).exp_()  # P, recomputed
-                dv[:, :, j0:j1] += p.transpose(-2, -1) @ dob  # sums over the G heads: they share this v
-                ds = p * (dob @ vb.transpose(-2, -1) - delta_b)  # dS = P * (dP - delta)
-                dqb += ds @ kb * scale
-                dk[:, :, j0:j1] += ds.transpose(-2, -1) @ qb * scale
-            dq[..., i0:i1, :] = dqb.unflatten(2, (-1, i1 - i0))
-        return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
-
-
-def scores(qb, k, mask, i0, i1, j0, j1):
-    """Scores of the query rows qb (already scaled) against keys j0:j1, -inf where hidden: (B, Hkv, G*bq, bk)."""
-    s = qb @ k[:, :, j0:j1].float().transpose(-2, -1)
-    if all_visible(mask, i0, i1, j0, j1):  # most blocks: no mask to build
-        return s
-    ok = visible(mask, torch.arange(i0, i1, device=qb.device), torch.arange(j0, j1, device=qb.device))
-    s5 = s.view(*s.shape[:2], -1, i1 - i0, j1 - j0)  # (B, Hkv, G, bq, bk): the mask is the same for all G
-    s5.masked_fill_(~ok[:, :, None], float("-inf"))
-    return s
-
-
-def all_visible(mask, i0, i1, j0, j1):
-    """Every query i0..i1-1 sees every key j0..j1-1 (checked on the block's corners and the row ranges)."""
-    if mask.key_keep is not None or mask.q_pos is not None:
-        return False
-    if mask.causal and j1 - 1 > i0 or mask.window is not None and i1 - 1 - j0 >= mask.window:
-        return False
-    return ((mask.key_start is None or j0 >= int(mask.key_start.max()))
-            and (mask.key_end is None or j1 <= int(mask.key_end.min())))
+# -----------------------------------------------------------------------------
+# path 2: blockwise online softmax in PyTorch (attention_blockwise.py); path 3: the Triton kernel
+# (attention_triton.py); and PyTorch's own SDPA
 
 
 def blockwise(q, k, v, mask, scale=None, block=None):
+    import attention_blockwise  # its own file, as the kernel's: the algorithm to read beside attention_triton.py
     if mask.q_pos is not None:
         raise ValueError("the blockwise path serves training and prefill; cached decoding (q_pos) goes to SDPA")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return Blockwise.apply(q, k, v, mask, scale, block or BLOCK)
-
-# -----------------------------------------------------------------------------
-# path 3: the Triton kernel (attention_triton.py), and PyTorch's own SDPA
+    return attention_blockwise.Blockwise.apply(q, k, v, mask, scale, block or attention_blockwise.BLOCK)
 
 
 def triton(q, k, v, mask, scale=None):
@@ -287,21 +222,35 @@ def use(path):
         _forced = saved
 
 
-def choose(q, mask, dropout_p=0.0):
-    """The path for this call: Triton on CUDA where queries see different keys (padding, a binding window),
-    where SDPA would need a mask and so could not run its flash kernel; SDPA everywhere else, and for
-    decoding and dropout. The blockwise path is never chosen: on a CPU SDPA per chunk beat it at 1-2k tokens
-    and matched it at 4k (docs/benchmarks.md); it is there to be read. `use` overrides the choice."""
+def choose(q, k, mask, dropout_p=0.0):
+    """(path, mask) for this call. A right-padded causal batch inside the window goes to SDPA as plain causal
+    attention (its flash kernel; see Mask.causal_suffices). Otherwise the Triton kernel on CUDA where queries
+    see different keys (left padding, a binding window), where SDPA would need a mask and so could not run its
+    flash kernel; SDPA everywhere else, and for decoding and dropout. The blockwise path is never chosen (on a
+    CPU SDPA per chunk was as fast or faster: docs/benchmarks.md); it is there to be read. `use` overrides the
+    choice, and keeps the mask as given."""
+    if mask.causal_suffices(q.shape[2], k.shape[2]):
+        return "sdpa", Mask(causal=True)
     if mask.per_query(q.shape[2]) and mask.q_pos is None and dropout_p == 0 and q.is_cuda and triton_ready():
-        return "triton"
-    return "sdpa"
+        return "triton", mask
+    return "sdpa", mask
+
+
+def autocast_inputs(q, k, v):
+    """q, k, v in the dtype SDPA would compute in: autocast's where it is on (fp32 master weights can hand over
+    fp32 q, k and bf16 v), else as given. The custom paths then see what SDPA sees."""
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
 
 
 def attention(q, k, v, mask=None, dropout_p=0.0, scale=None):
     """q (B, H, Tq, D), k and v (B, Hkv, Tk, D) with H a multiple of Hkv -> (B, H, Tq, D); `mask` a Mask
     (None: every query sees every key), scale D^-0.5 unless given."""
     mask = Mask() if mask is None else mask
-    path = _forced or choose(q, mask, dropout_p)
+    q, k, v = autocast_inputs(q, k, v)
+    path, mask = (_forced, mask) if _forced else choose(q, k, mask, dropout_p)
     if dropout_p > 0 and path != "sdpa":
         raise ValueError(f"attention dropout runs on the sdpa path only, not {path!r}")
     if path == "sdpa":

@@ -25,14 +25,16 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+WIDEN_BF16 = tl.constexpr(INTERPRET)  # see `dot`
 
 
-def configs(block_m, block_n):
-    """Tile sizes to try on a GPU (autotuned per head size and mask kind); one small tile in the interpreter."""
+def configs(*tiles):
+    """Tile sizes to try on a GPU, (BLOCK_M, BLOCK_N, warps) each, autotuned per head size and mask kind: two
+    per kernel, as each one tried is a compile per key (a cold check would spend minutes on more); one small
+    tile in the interpreter."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n in zip(block_m, block_n) for w, s in ((4, 3), (8, 3))]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=3) for m, n, w in tiles]
 
 
 KEY = ["BLOCK_D", "CAUSAL", "WINDOW", "HAS_KEEP"]
@@ -69,26 +71,37 @@ def key_blocks(m0, kstart, kend, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
-def load_tile(ptr, rows, n_rows, stride, cols, D):
-    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=(rows[:, None] < n_rows) & (cols[None, :] < D),
-                   other=0.0)
+def dot(a, b, DOT: tl.constexpr):
+    """tl.dot of two tiles of one dtype. Triton's interpreter multiplies bf16 tiles as their raw 16-bit integers,
+    so there they are widened to fp32 first; a GPU multiplies them on its tensor cores as they are."""
+    tl.static_assert(a.dtype == b.dtype, "attention_triton: dot operands must share one dtype")
+    if WIDEN_BF16 and a.dtype == tl.bfloat16:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT)
+
+
+@triton.jit
+def load_tile(ptr, rows, n_rows, stride, cols, D):  # int64 row offsets: a long batch passes 2^31 elements
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :],
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < D), other=0.0)
 
 
 @triton.jit
 def store_tile(ptr, x, rows, n_rows, stride, cols, D):
-    tl.store(ptr + rows[:, None] * stride + cols[None, :], x, mask=(rows[:, None] < n_rows) & (cols[None, :] < D))
+    tl.store(ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], x,
+             mask=(rows[:, None] < n_rows) & (cols[None, :] < D))
 
 # -----------------------------------------------------------------------------
 # forward
 
 
-@triton.autotune(configs([128, 128, 64], [64, 128, 64]), key=KEY)
+@triton.autotune(configs((128, 64, 4), (128, 128, 8)), key=KEY)
 @triton.jit
 def forward_kernel(Q, K, V, O, LSE, KS, KE, KEEP, qk_scale, window, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
                    sv_b, sv_h, sv_t, H, G, Tq, Tk, D, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                    WINDOW: tl.constexpr, HAS_KEEP: tl.constexpr, DOT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid, bh = tl.program_id(0), tl.program_id(1)
+    pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets, as load_tile's
     b, h = bh // H, bh % H
     hk = h // G  # the key/value head this query head reads
     i = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -103,14 +116,14 @@ def forward_kernel(Q, K, V, O, LSE, KS, KE, KEEP, qk_scale, window, sq_b, sq_h, 
         j = n0 + tl.arange(0, BLOCK_N)
         k = load_tile(K + b * sk_b + hk * sk_h, j, Tk, sk_t, d, D)  # (BLOCK_N, BLOCK_D)
         v = load_tile(V + b * sv_b + hk * sv_h, j, Tk, sv_t, d, D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        s = dot(q, tl.trans(k), DOT) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         s = tl.where(visible(i, j, kstart, kend, KEEP + b * Tk, window, Tq, CAUSAL, WINDOW, HAS_KEEP), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: keep exp2 finite
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m - m_safe)  # rescales what was summed under the old max
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT)
         m = m_new
     seen = l > 0
     o = acc / tl.where(seen, l, 1.0)[:, None]
@@ -121,13 +134,13 @@ def forward_kernel(Q, K, V, O, LSE, KS, KE, KEEP, qk_scale, window, sq_b, sq_h, 
 # backward
 
 
-@triton.autotune(configs([32, 64, 64], [128, 64, 128]), key=KEY)
+@triton.autotune(configs((32, 128, 4), (64, 64, 4)), key=KEY)
 @triton.jit
 def backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KS, KE, KEEP, qk_scale, scale, window,
                          sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H, G, Tq, Tk, D,
                          BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KEEP: tl.constexpr,
                          DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid, bhk = tl.program_id(0), tl.program_id(1)
+    pid, bhk = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, hk = bhk // (H // G), bhk % (H // G)
     n0 = pid * BLOCK_N
     j = n0 + tl.arange(0, BLOCK_N)
@@ -151,24 +164,24 @@ def backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KS, KE, KEEP, qk_scale
             do = load_tile(DO + (b * H + h) * Tq * D, i, Tq, D, d, D)
             lse = tl.load(LSE + (b * H + h) * Tq + i, mask=i < Tq, other=float("inf"))
             delta = tl.load(DELTA + (b * H + h) * Tq + i, mask=i < Tq, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale
+            s = dot(q, tl.trans(k), DOT) * qk_scale
             ok = visible(i, j, kstart, kend, KEEP + b * Tk, window, Tq, CAUSAL, WINDOW, HAS_KEEP)
             p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # P, recomputed: (BLOCK_M, BLOCK_N)
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT)
+            dv += dot(tl.trans(p).to(do.dtype), do, DOT)
+            dp = dot(do, tl.trans(v), DOT)
             ds = p * (dp - delta[:, None])  # dS = P * (dP - rowsum(dO * O))
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT)
+            dk += dot(tl.trans(ds).to(q.dtype), q, DOT)
     store_tile(DK + bhk * Tk * D, (dk * scale).to(DK.dtype.element_ty), j, Tk, D, d, D)
     store_tile(DV + bhk * Tk * D, dv.to(DV.dtype.element_ty), j, Tk, D, d, D)
 
 
-@triton.autotune(configs([128, 64, 64], [32, 64, 128]), key=KEY)
+@triton.autotune(configs((128, 32, 4), (64, 64, 4)), key=KEY)
 @triton.jit
 def backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KS, KE, KEEP, qk_scale, scale, window,
                        sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H, G, Tq, Tk, D,
                        BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KEEP: tl.constexpr,
                        DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid, bh = tl.program_id(0), tl.program_id(1)
+    pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets, as load_tile's
     b, h = bh // H, bh % H
     hk = h // G
     i = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -184,12 +197,12 @@ def backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KS, KE, KEEP, qk_scale, scal
         j = n0 + tl.arange(0, BLOCK_N)
         k = load_tile(K + b * sk_b + hk * sk_h, j, Tk, sk_t, d, D)
         v = load_tile(V + b * sv_b + hk * sv_h, j, Tk, sv_t, d, D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale
+        s = dot(q, tl.trans(k), DOT) * qk_scale
         ok = visible(i, j, kstart, kend, KEEP + b * Tk, window, Tq, CAUSAL, WINDOW, HAS_KEEP)
         p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT)
+        dp = dot(do, tl.trans(v), DOT)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT)
+        dq += dot(ds.to(k.dtype), k, DOT)
     store_tile(DQ + bh * Tq * D, (dq * scale).to(DQ.dtype.element_ty), i, Tq, D, d, D)
 
 # -----------------------------------------------------------------------------
@@ -231,7 +244,7 @@ class FlashAttention(torch.autograd.Function):
         q, k, v, o, lse, ks, ke, keep = ctx.saved_tensors
         B, H, Tq, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
-        do = do.contiguous()
+        do = do.to(o.dtype).contiguous()
         delta = (do.float() * o.float()).sum(-1)  # (B, H, Tq): rowsum(dO * O)
         dq = torch.empty(B, H, Tq, D, device=q.device, dtype=q.dtype)
         dk = torch.empty(B, Hkv, Tk, D, device=q.device, dtype=k.dtype)
@@ -250,4 +263,7 @@ def attention(q, k, v, mask, scale):
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("the Triton kernel runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set "
                            "before triton is imported")
+    if not q.dtype == k.dtype == v.dtype:  # tl.dot refuses mixed operands, deep inside the backward otherwise
+        raise TypeError(f"attention_triton: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
+                        "cast them (attention.attention does under autocast)")
     return FlashAttention.apply(q, k, v, mask, scale)

@@ -27,11 +27,14 @@ def setup(device, timeout_minutes=60.0):
     """(rank, world, device) of this process. Under torchrun: cuda:LOCAL_RANK on NCCL, or the CPU on gloo."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
-    cuda = str(device).startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if not str(device).startswith("cuda"):
+        dist.init_process_group("gloo", timeout=timeout)
+        return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+    # the GPU first, then NCCL bound to it: no rank creates a context on GPU 0, and communicators start eagerly
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", timeout=timeout, device_id=device)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -62,8 +65,9 @@ def all_sum(x):
 
 
 def wrap(m, device, world, fsdp=False):
-    """DDP (default) or FSDP2 across ranks; returns the module to call (the unwrapped model stays `m`)."""
-    if world == 1:
+    """DDP (default) or FSDP2 across ranks; returns the module to call (the unwrapped model stays `m`). Under
+    torchrun even one process is wrapped (a one-rank mesh): what runs on one GPU is what runs on eight."""
+    if not dist.is_initialized():
         return m
     if fsdp:
         try:

@@ -173,10 +173,11 @@ def rope_cos_sin(cfg, pos, dtype, inv_freq, long_freq, scale):
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, n_heads, T, head_dim); cos/sin: (B, T, head_dim). Rotate-half layout."""
+    """x: (B, n_heads, T, head_dim); cos/sin: (B, T, head_dim). Rotate-half layout. The result keeps x's dtype:
+    under autocast x is bf16 while fp32 weights give fp32 cos/sin, and q, k must stay in v's dtype."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 # -----------------------------------------------------------------------------

@@ -141,9 +141,10 @@ class Stream:
         self.shown = text
         return text
 
-    def speed(self):  # the first token waits for the prefill; the rest are the decode speed
+    def speed(self, warmup=0):  # the first token waits for the prefill; the rest are the decode speed
         t, n = self.times, len(self.times) - 1
-        rate = f", then {(n - 1) / (t[-1] - t[1]):.1f} tok/s" if n > 1 and t[-1] > t[1] else ""
+        a = 1 + warmup if n > 2 + warmup else 1  # a compiled step compiles, then records, in its first calls
+        rate = f", then {(n - a) / (t[-1] - t[a]):.1f} tok/s" if n > a and t[-1] > t[a] else ""
         return f"[{n} tokens; first after {t[1] - t[0]:.2f}s{rate}]" if n else "[no tokens]"
 
 
@@ -154,7 +155,7 @@ def answer(model, text, images, args, generator):
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
                    callback=stream, compile=args.compile)
     reply = stream.show(end="\n")
-    print(stream.speed(), file=sys.stderr)
+    print(stream.speed(warmup=2 if args.compile else 0), file=sys.stderr)
     return reply
 
 

@@ -55,7 +55,8 @@ def peak_matmul_flops(device, dtype, n=2048, reps=10):
 
 
 def read_bandwidth(device, dtype, gb=1.0, reps=5):
-    """Bytes/s of a matrix-vector product over `gb` GB: the access pattern of batch-1 decoding."""
+    """Bytes/s of a matrix-vector product over `gb` GB: the access pattern of batch-1 decoding. What a decode
+    step can reach, so the bound it gives is achievable; not the memory's peak (an H100's HBM3 is rated higher)."""
     rows = int(gb * 1e9 / 4096 / torch.finfo(dtype).bits * 8)
     w, x = torch.randn(rows, 4096, device=device, dtype=dtype), torch.randn(4096, device=device, dtype=dtype)
     w @ x
@@ -68,8 +69,8 @@ def bandwidth(args, device, dtype):
 
 
 def decode_bytes(lm):
-    """Weight bytes one batch-1 decode step reads: every LM parameter but the embedding table (one row is read).
-    The decode bound is bandwidth / decode_bytes tokens/s."""
+    """Weight bytes one decode step reads: every LM parameter but the embedding table (one row is read). Each
+    row also reads its KV cache (bench.full.kv_cache_bytes), which the GPU bound adds."""
     return sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if "embed" not in n)
 
 

@@ -119,7 +119,7 @@ def parameter_counts(cfg, lora_r=64):
     return c
 
 
-def fsdp_plan(c, act, cfg, gpus, batch, T, groups, supervised, lora_run, master=4):
+def fsdp_plan(c, act, cfg, gpus, batch, T, groups, supervised, lora_run, master=4, grad_accum=1):
     """Bytes per GPU, term by term, of one training step of train.py/dpo.py --fsdp --grad-checkpointing on
     CUDA: the weights, gradients and AdamW's two states in --param-dtype (`master` bytes each; fp32 by default,
     even from the bf16 release), and the compute in bf16 under autocast. FSDP2 (fully_shard on each LLM block,
@@ -128,7 +128,9 @@ def fsdp_plan(c, act, cfg, gpus, batch, T, groups, supervised, lora_run, master=
     the root after forward), and up to two blocks are gathered at a time (the current one and the prefetched
     one). Gradients come out of backward in bf16 and are reduce-scattered in fp32 (a copy). Each term is
     taken at its largest at once: an upper bound. `batch` rows of T positions per GPU; for DPO the rows are
-    chosen + rejected."""
+    chosen + rejected. With `grad_accum` > 1 the micro-batches before the last skip the reduce-scatter
+    (distributed.sync_grads), so FSDP2 keeps every trained gradient unsharded, in fp32 (its reduce dtype),
+    until the step's last backward."""
     C, L, bf16 = cfg.text.hidden_size, c["layers"], 2
     block, root = c["blocks"] / L, c["model"] - c["blocks"]
     lora_block = c["lora"] / L if lora_run else 0
@@ -141,6 +143,8 @@ def fsdp_plan(c, act, cfg, gpus, batch, T, groups, supervised, lora_run, master=
             "gradients before reduce-scatter (root group + 1 block; bf16 + fp32 copy)":
                 (root_trained + block * (not lora_run) + lora_block) * (bf16 + 4),
             "AdamW exp_avg + exp_avg_sq, sharded": 2 * trained * master / gpus}
+    if grad_accum > 1:
+        rows["gradients kept unsharded between micro-batches (fp32, --grad-accum > 1)"] = trained * 4
     per_block = act["block_lora" if lora_run else "block"][1]
     fixed, per_sup = act["head_dpo" if lora_run else "head_sft"]
     rows[f"activations: {L} block inputs kept by checkpointing"] = L * batch * T * C * bf16
@@ -160,7 +164,8 @@ def fsdp_memory(args):
     T, b, ans = args.seq_len, args.micro_batch, args.answer_tokens
     master = torch.finfo(getattr(torch, args.param_dtype)).bits // 8
     plans = {"sft": fsdp_plan(c, act, cfg, args.gpus, b, T, groups, T - img, False, master),
-             "dpo": fsdp_plan(c, act, cfg, args.gpus, 2 * b, T, groups, ans, True, master)}
+             "sft_accum": fsdp_plan(c, act, cfg, args.gpus, b, T, groups, T - img, False, master, args.grad_accum),
+             "dpo": fsdp_plan(c, act, cfg, args.gpus, 2 * b, T, groups, ans, True, master, args.grad_accum)}
     r = {"params": c, "activation_costs": act, "plans": plans, "seq_len": T, "micro_batch": b, "gpus": args.gpus,
          "param_dtype": args.param_dtype}
     g, M = 1e9, 1e6
@@ -173,13 +178,14 @@ def fsdp_memory(args):
         print(f"| {name} | {c[k] / M:,.1f}M | {c[k] * 2 / g:.2f} GB | {c[k] * 4 / g:.2f} GB |")
     files = c["model"] + c["pooling_head"]
     print(f"| the checkpoint's files | {files / M:,.1f}M | {files * 2 / g:.2f} GB | |")
-    rows = [f"| {k} | {plans['sft'].get(k, 0) / g:.2f} GB | {plans['dpo'].get(k, 0) / g:.2f} GB |"
-            for k in dict.fromkeys([*plans["sft"], *plans["dpo"]])]
-    rows.append(f"| **total per GPU** (of 80 GB) | **{sum(plans['sft'].values()) / g:.1f} GB** | "
-                f"**{sum(plans['dpo'].values()) / g:.1f} GB** |")
+    rows = [f"| {k} | " + " | ".join(f"{p.get(k, 0) / g:.2f} GB" for p in plans.values()) + " |"
+            for k in dict.fromkeys([k for p in plans.values() for k in p])]
+    rows.append("| **total per GPU** (of 80 GB) | " + " | ".join(f"**{sum(p.values()) / g:.1f} GB**"
+                                                               for p in plans.values()) + " |")
+    accum = f"--grad-accum {args.grad_accum}"
     report(f"| per GPU, {args.gpus} GPUs, FSDP2, grad. checkpointing, {args.param_dtype} weights, bf16 compute | "
-           f"SFT: {b} x {T} positions (1 image = {img}) | DPO, LoRA: {b} pairs = {2 * b} x {T} ({ans} answer tokens) |",
-           rows, r, args.json)
+           f"SFT: {b} x {T} positions (1 image = {img}) | the same, {accum} | DPO, LoRA: {b} pairs = {2 * b} x {T} "
+           f"({ans} answer tokens), {accum} |", rows, r, args.json)
 
 
 def memory_flags(p):
@@ -191,6 +197,7 @@ def memory_flags(p):
     g.add_argument("--seq-len", type=int, default=2048, help="positions per row (train.py --max-len)")
     g.add_argument("--micro-batch", type=int, default=4, help="rows (SFT) or pairs (DPO) per GPU")
     g.add_argument("--answer-tokens", type=int, default=512, help="supervised tokens per DPO row")
+    g.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (README's 8-GPU SFT: 2)")
 
 
 def main():

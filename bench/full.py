@@ -20,16 +20,18 @@ checkpointing (tokens/s, MFU, peak memory) for the checkpoint's model with bf16 
 arithmetic (`python -m bench.fsdp_memory` alone).
 """
 import argparse
+import json
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 import model
 import phi3
-from bench.common import (decode_bytes, noise_photo, parse, peak_matmul_flops, peak_rss, photo_prompt,
-                          pooling_head_shapes, read_bandwidth, report, sync, timed, train_flops)
+from bench.common import (bandwidth, decode_bytes, noise_photo, parse, peak_matmul_flops, peak_rss, photo_prompt,
+                          pooling_head_shapes, report, sync, timed, train_flops)
 from bench.fsdp_memory import fsdp_memory, memory_flags
 from bench.full_cpu import full_cpu, param_bytes, weight_files
 
@@ -95,45 +97,56 @@ def make_checkpoint(path, preset="xgenmm", dtype=torch.bfloat16, seed=0):
 
 
 def stamped_generate(m, prompts, images, new, compile, device):
-    """m.generate with a clock per new token: (seconds to the first token, [seconds of each later step])."""
-    stamps = []
+    """m.generate with a clock per new token: (seconds to the first token, [seconds of each later step], slots
+    of the KV cache each decode step reads)."""
+    stamps, slots = [], []
 
     def stamp(_):
         sync(device)
         stamps.append(time.perf_counter())
+        slots.append(m.lang_model.model.layers[0].self_attn.kv_cache.k.shape[2])  # the cache exists during the call
     sync(device)
     t0 = time.perf_counter()
     m.generate(prompts, images, max_new_tokens=new, stop_ids=[], callback=stamp, compile=compile)
-    return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:])]
+    return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:])], slots[0]
 
 
 def decode_figures(m, args, device, batch, compile):
     """Prefill (PIL image + prompt -> first token) and steady decode step of `batch` identical rows."""
     prompt, img = photo_prompt(m, args.prompt_tokens), noise_photo()
-    first, steps = stamped_generate(m, [prompt] * batch, [[img]] * batch, args.new_tokens, compile, device)
+    first, steps, slots = stamped_generate(m, [prompt] * batch, [[img]] * batch, args.new_tokens, compile, device)
     steady = steps[len(steps) // 2:] if compile else steps  # the first compiled steps compile, record graphs
     positions = len(prompt) - 1 + m.config.image_tokens(img.size)
     return {"batch": batch, "positions": positions, "prefill_s": first, "prefill_tok_s": batch * positions / first,
             "step_s": statistics.median(steady), "decode_tok_s": batch / statistics.median(steady),
-            "first_step_s": steps[0]}
+            "first_step_s": steps[0], "cache_slots": slots,
+            "kv_bytes_per_row": kv_cache_bytes(m.lang_model.config, slots, next(m.parameters()).dtype)}
+
+
+def kv_cache_bytes(cfg, slots, dtype):
+    """Bytes of one row's KV cache, which each decode step reads whole (keys and values of every layer)."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * slots * dtype.itemsize
 
 
 def train_step_figures(m, args, device, peak, dtype):
     """train.py's own step (train_step: loss summed over the supervised tokens, AdamW, clipping; ViT frozen,
     resampler + LLM trained) with gradient checkpointing, on --train-batch samples of one 640x480 image and
     --train-text tokens, the weights in `dtype` (train.py --param-dtype); tokens/s, MFU and the peak memory
-    over the timed steps. A GPU too small for it gives {"out_of_memory": the error} and the suite goes on."""
+    over the timed steps. A GPU too small for it gives {"out_of_memory": the error}, any other failure
+    {"error": its last line}, and the suite goes on."""
     name = str(dtype).removeprefix("torch.")
     try:
         return {"param_dtype": name, **train_step_run(m, args, device, peak, dtype)}
     except torch.cuda.OutOfMemoryError as e:  # the same class as torch.OutOfMemoryError (torch >= 2.5)
-        oom = str(e).splitlines()[0]
+        failed = {"out_of_memory": str(e).splitlines()[0]}
+    except Exception as e:  # one failed row, not a lost table
+        failed = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"}
     for p in m.parameters():  # the failed step's gradients; its optimiser went with its frame
         p.grad = None
     mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"param_dtype": name, "out_of_memory": oom, "peak_memory": mem}
+    return {"param_dtype": name, **failed, "peak_memory": mem}
 
 
 def train_step_run(m, args, device, peak, dtype):
@@ -163,7 +176,8 @@ def train_step_run(m, args, device, peak, dtype):
 def full_gpu(args):
     """On --device (cuda): load time, prefill and decode tok/s at each --batches size, a training step of the
     checkpoint's model with gradient checkpointing and its peak memory (bf16 weights, then train.py's default
-    fp32 weights), and the `small` preset's training MFU."""
+    fp32 weights), and the `small` preset's training MFU. The JSON is written after each figure (the table at
+    the end), and a figure that fails is one row saying so: a run cut short keeps what it measured."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_matmul_flops(device, dtype)
     r = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
@@ -173,33 +187,58 @@ def full_gpu(args):
     m = model.XGenMM.from_pretrained(args.checkpoint, dtype=dtype, device=device)
     sync(device)
     r["load"] = {"seconds": time.perf_counter() - t0, "bytes": param_bytes(m)}
-    r["bandwidth"], r["decode_bytes"] = read_bandwidth(device, dtype), decode_bytes(m.lang_model)  # the decode bound
+    r["bandwidth"] = bandwidth(args, device, dtype)
+    r["weight_bytes"] = decode_bytes(m.lang_model)  # with each row's KV cache: the decode bound
+    save = lambda: args.json and Path(args.json).write_text(json.dumps(r, indent=2))  # noqa: E731
     for batch in args.batches:
         for comp in [False, True] if args.compile else [False]:  # compiled on CUDA: CUDA graphs
-            r[f"decode_b{batch}" + "_compiled" * comp] = decode_figures(m, args, device, batch, comp)
+            key = f"decode_b{batch}" + "_compiled" * comp
+            try:
+                r[key] = decode_figures(m, args, device, batch, comp)
+            except Exception as e:  # one failed row, not a lost table
+                r[key] = {"batch": batch, "error": f"{type(e).__name__}: {str(e).strip()[-300:]}"}
+            save()
     for param_dtype in (torch.bfloat16, torch.float32):  # bf16 fits one GPU; train.py's fp32 default may not
         r[f"train_{str(param_dtype).removeprefix('torch.')}"] = train_step_figures(m, args, device, peak, param_dtype)
+        save()
     del m
-    torch.manual_seed(0)
-    small = model.XGenMM(model.preset("small"))
-    small.lang_model.init_weights()
-    r["train_small"] = train_step_figures(small, args, device, peak, torch.float32)  # fp32 master, as train.py
+    if args.train_small:
+        torch.manual_seed(0)
+        small = model.XGenMM(model.preset("small"))
+        small.lang_model.init_weights()
+        r["train_small"] = train_step_figures(small, args, device, peak, torch.float32)  # fp32 master, as train.py
     report(f"| {r['device']}, {args.dtype} | measured |", gpu_rows(r), r, args.json)
 
 
+def decode_bound(r, x):
+    """Tokens/s if a decode step did nothing but read its bytes at the measured bandwidth: every weight once,
+    and each row's whole KV cache (~0.28 GB per row at 720 slots of the 4.4B model: ~30% of a batch-8 step)."""
+    return x["batch"] * r["bandwidth"] / (r["weight_bytes"] + x["batch"] * x["kv_bytes_per_row"])
+
+
 def gpu_rows(r, gb=1e9):
-    rows = [f"| load `XGenMM.from_pretrained` ({r['load']['bytes'] / gb:.2f} GB) | {r['load']['seconds']:.1f} s |"]
+    rows = [f"| load `XGenMM.from_pretrained` ({r['load']['bytes'] / gb:.2f} GB) | {r['load']['seconds']:.1f} s |",
+            f"| read bandwidth: a matrix-vector product over 1 GB (what decoding can reach, not the HBM peak) | "
+            f"{r['bandwidth'] / gb:,.0f} GB/s |"]
     for k in [k for k in r if k.startswith("decode_b")]:
         x, how = r[k], "compiled" if k.endswith("compiled") else "eager"
+        if "error" in x:
+            rows.append(f"| batch {x['batch']}, {how}: prefill and decode | FAILED: {x['error']} |")
+            continue
         rows.append(f"| batch {x['batch']}, {how}: prefill image + {r['prompt_tokens']} tokens ({x['positions']} "
                     f"positions) | {x['prefill_tok_s']:,.0f} tok/s ({x['prefill_s'] * 1e3:,.0f} ms) |")
-        bound = x["batch"] * r["bandwidth"] / r["decode_bytes"]  # every weight read once per step
-        rows.append(f"| batch {x['batch']}, {how}: decode | {x['decode_tok_s']:,.1f} tok/s "
-                    f"({x['step_s'] * 1e3:.1f} ms/step; {x['decode_tok_s'] / bound:.0%} of the "
-                    f"{bound:,.0f} tok/s bound at {r['bandwidth'] / gb:,.0f} GB/s) |")
+        bound = decode_bound(r, x)
+        rows.append(f"| batch {x['batch']}, {how}: decode ({x['cache_slots']} cache slots) | "
+                    f"{x['decode_tok_s']:,.1f} tok/s ({x['step_s'] * 1e3:.1f} ms/step; {x['decode_tok_s'] / bound:.0%} "
+                    f"of the {bound:,.0f} tok/s bound: weights + KV cache read at that bandwidth) |")
     for k, name in (("train_bfloat16", "checkpoint's model"), ("train_float32", "checkpoint's model"),
                     ("train_small", "`small` preset")):
+        if k not in r:
+            continue
         x, what = r[k], f"training step, {name}, {r[k]['param_dtype']} weights"
+        if x.get("error"):
+            rows.append(f"| {what} | FAILED: {x['error']} |")
+            continue
         if x.get("out_of_memory"):
             rows.append(f"| {what} | out of memory ({x['peak_memory'] / gb:.1f} GB allocated at the peak) |")
             continue
@@ -259,6 +298,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="GPU suite: timed training steps (median kept)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the decode step through torch.compile")
+    p.add_argument("--train-small", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPU suite: also the `small` preset's training step (bench.gpu times it itself)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     full(parse(p))

@@ -72,7 +72,8 @@ def errors(case, path, device="cpu"):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(attention, "BLOCK", 16)
+    import attention_blockwise
+    monkeypatch.setattr(attention_blockwise, "BLOCK", 16)
     monkeypatch.setattr(attention, "CHUNK", 16)
 
 
@@ -107,7 +108,12 @@ def test_reference_rules():
 
 def test_dispatch():
     q = torch.zeros(1, 1, 5, 8)
-    assert attention.choose(q, Mask(causal=True, window=4)) == "sdpa"  # CPU: SDPA, per query chunk
+    assert attention.choose(q, q, Mask(causal=True, window=4))[0] == "sdpa"  # CPU: SDPA, per query chunk
+    right, left = (Mask.from_padding(torch.tensor(m), causal=True, window=5) for m in ([[1] * 5, [1, 1, 1, 0, 0]],
+                                                                                       [[1] * 5, [0, 0, 1, 1, 1]]))
+    assert attention.choose(q, q, right) == ("sdpa", Mask(causal=True))  # no mask: SDPA's flash kernel
+    assert attention.choose(q, q, left)[1] is left  # left padding: the mask as given
+    assert attention.choose(q, q, replace(right, window=4))[1].key_end is not None  # a binding window too
     assert not Mask(causal=True, window=5).per_query(5) and Mask(causal=True, window=4).per_query(5)
     assert not Mask(key_keep=torch.ones(1, 5, dtype=torch.bool)).per_query(5)  # the resampler: one row of keys
     with pytest.raises(ValueError, match="unknown attention path"):
@@ -122,15 +128,16 @@ CFG = replace(phi3.PRESETS["tiny"], vocab_size=64, hidden_size=32, intermediate_
               num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
 
 
-def padded_step(path, device="cpu"):
-    """Loss and every gradient of a training step on rows full, left-padded and right-padded, T > window."""
+def padded_step(path, device="cpu", autocast=False):
+    """Loss and every gradient of a training step on rows full, left-padded and right-padded, T > window; with
+    `autocast`, fp32 weights under bf16 autocast (the one-GPU default: fp32 master weights)."""
     torch.manual_seed(0)
     model = phi3.Phi3(CFG).init_weights(std=0.2).to(device)
     idx = torch.randint(3, 64, (3, 24))
     mask = torch.ones(3, 24, dtype=torch.long)
     mask[1, :7], mask[2, 15:] = 0, 0
     idx, mask = idx.to(device), mask.to(device)
-    with attention.use(path):
+    with attention.use(path), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=autocast):
         loss = model(idx, idx.masked_fill(mask == 0, -100), attention_mask=mask)
     loss.backward()
     return loss.detach(), [p.grad for p in model.parameters()]
@@ -143,6 +150,53 @@ def test_decoder_training_step_equals_the_reference_path(path, small_tiles):
         pytest.importorskip("triton")
     ref_loss, ref_grads = padded_step("reference", device)
     loss, grads = padded_step(path, device)
+    assert (loss - ref_loss).abs() <= 1e-5
+    assert max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, ref_grads)) <= 1e-4
+
+
+@pytest.mark.parametrize("path", ["reference", "blockwise", "sdpa", "triton"])
+def test_fp32_weights_under_bf16_autocast_train_on_every_path(path, small_tiles):
+    """fp32 weights give fp32 cos/sin while autocast gives bf16 q, k, v: rope must keep q and k in bf16, and
+    each path must see one dtype (the kernel's backward refused fp32 q with bf16 v). Within bf16's error of
+    the fp32 step; the fp32 tests above hold each path to the exact mask."""
+    device = KERNEL_DEVICE if path == "triton" else "cpu"
+    if path == "triton":
+        pytest.importorskip("triton")
+    ref_loss, ref_grads = padded_step("reference", device)
+    loss, grads = padded_step(path, device, autocast=True)
+    assert (loss - ref_loss).abs() <= 1e-2 and all(g.dtype == torch.float32 for g in grads)
+    assert max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, ref_grads)) <= 0.1  # ~0.05 seen
+
+
+def test_triton_kernel_refuses_mixed_dtypes():
+    pytest.importorskip("triton")
+    import attention_triton
+    mask, kv_heads, Tq, Tk = CASES["causal"]
+    q, k, v = (t.detach() for t in inputs(kv_heads, Tq, Tk, device=KERNEL_DEVICE)[0])
+    with pytest.raises(TypeError, match="must share one dtype, got torch.float32, torch.float32, torch.bfloat16"):
+        attention_triton.attention(q, k, v.bfloat16(), mask, D ** -0.5)
+
+
+def test_right_padded_batches_inside_the_window_train_as_plain_causal(monkeypatch):
+    """Right padding, T within the window: the default choice runs SDPA with is_causal and no mask, and gives
+    the masked reference's loss and gradients (real queries never reach the pad keys on their right)."""
+    calls, sdpa = [], attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append((kw["attn_mask"], kw["is_causal"])) or sdpa(*a, **kw))
+    cfg = replace(CFG, sliding_window=32)
+
+    def step(path):
+        torch.manual_seed(0)
+        model = phi3.Phi3(cfg).init_weights(std=0.2)
+        idx, mask = torch.randint(3, 64, (3, 24)), torch.ones(3, 24, dtype=torch.long)
+        mask[1, 15:], mask[2, 5:] = 0, 0
+        with attention.use(path):
+            loss = model(idx, idx.masked_fill(mask == 0, -100), attention_mask=mask)
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters()]
+    ref_loss, ref_grads = step("reference")
+    loss, grads = step(None)
+    assert calls and all(m is None and causal for m, causal in calls)
     assert (loss - ref_loss).abs() <= 1e-5
     assert max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, ref_grads)) <= 1e-4
 
