@@ -31,6 +31,8 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from weights import read_json
+
 # -----------------------------------------------------------------------------
 # editing two fields of a serialized SentencePiece model (protobuf wire format)
 
@@ -359,15 +361,7 @@ def _utf8(data):
 
 def _read_json(f):
     """A tokenizer JSON file as a dict ({} when absent); anything else is a TokenizerError naming it."""
-    if not f.is_file():
-        return {}
-    try:
-        d = json.loads(f.read_bytes())
-    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deeply
-        raise TokenizerError(f"{f}: not a valid JSON file ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(d, dict):
-        raise TokenizerError(f"{f}: expected a JSON object, found {type(d).__name__}")
-    return d
+    return read_json(f, TokenizerError) if f.is_file() else {}
 
 
 def _write_json(f, obj):
