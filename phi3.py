@@ -265,12 +265,21 @@ class Phi3(nn.Module):
                 raise RuntimeError("forward with input_pos needs a KV cache: call setup_cache (generate.py) first")
             keep = None if attention_mask is None else attention_mask.bool()
             pos = input_pos[None, :].expand(B, T) if position_ids is None else position_ids
+            if T == 1:  # one new token: the slots it sees, worked out here once rather than in every layer
+                return Mask(key_keep=self.slots_seen(input_pos, keep)), pos
             return Mask(causal=True, window=window, key_keep=keep, q_pos=input_pos), pos
         if attention_mask is not None:  # padded rows, either side: one key range per row
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if position_ids is None else position_ids
             return Mask.from_padding(attention_mask, causal=True, window=window), pos  # real tokens count from 0
         pos = torch.arange(T, device=device)[None, :].expand(B, T) if position_ids is None else position_ids
         return Mask(causal=True, window=window), pos
+
+    def slots_seen(self, input_pos, keep):
+        """(B or 1, slots) bool: the cache slots a query at slot input_pos (1,) sees: those up to its own, within
+        the sliding window, and among `keep` (the slots holding its row's tokens) when given."""
+        d = input_pos - torch.arange(self.model.layers[0].self_attn.kv_cache.k.shape[2], device=input_pos.device)
+        seen = (d >= 0) if self.config.sliding_window is None else (d >= 0) & (d < self.config.sliding_window)
+        return seen[None] if keep is None else keep & seen
 
     def head_weights(self):
         """lm_head's weight and bias, restricted to the first `output_vocab_size` rows when the config asks."""
