@@ -73,10 +73,9 @@ def convert_checkpoint(ckpt, model, prefix=""):
     """The official xGen-MM tensors (under `prefix` + `vlm.`) -> our state dict: each component converts its
     part (names and shapes checked), then the decoupled rows are folded in."""
     cfg, lm_prefix = model.config, prefix + LM
-    state = {"vision_encoder." + k: v for k, v in vit.convert_checkpoint(ckpt, model.vision_encoder,
-                                                                          prefix + "vlm.vision_encoder.").items()}
-    state |= {"vision_tokenizer." + k: v for k, v in resampler.convert_checkpoint(ckpt, model.vision_tokenizer,
-                                                                                  prefix + "vlm.vision_tokenizer.").items()}
+    parts = {"vision_encoder": vit.convert_checkpoint, "vision_tokenizer": resampler.convert_checkpoint}
+    state = {f"{name}.{k}": v for name, convert in parts.items()
+             for k, v in convert(ckpt, getattr(model, name), f"{prefix}vlm.{name}.").items()}
     lm = phi3.convert_checkpoint(ckpt, model.lang_model, lm_prefix)
     i, n = cfg.initial_tokenizer_len, cfg.text.output_vocab_size - cfg.initial_tokenizer_len
     for ours, theirs in DECOUPLED:
