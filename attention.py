@@ -104,8 +104,8 @@ def visible(mask, qi, kj):
 
 def key_only(mask, Tk, device):
     """The keys a row may see as a (B, 1, 1, Tk) mask (None if all): enough when no query differs."""
-    if mask.key_start is None and mask.key_end is None and mask.key_keep is None:
-        return None
+    if mask.key_start is None and mask.key_end is None:  # kept keys only (a decoding step, the resampler)
+        return None if mask.key_keep is None else mask.key_keep[:, None, None, :]
     return visible(Mask(key_start=mask.key_start, key_end=mask.key_end, key_keep=mask.key_keep),
                    torch.zeros(1, dtype=torch.long, device=device), torch.arange(Tk, device=device))
 

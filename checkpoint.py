@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 import lora
 import weights
 from distributed import barrier, rank
-from model import LM, XGenMM
+from model import XGenMM
+from release import LM
 
 NAME = re.compile(r"ckpt-\d{7}")
 

@@ -73,7 +73,7 @@ def clear_cache(lm):
 
 
 @dataclass
-class Layout:
+class Placement:
     """Where a left-padded batch sits in the cache: slots 0..T-1 hold the prompts, new token i goes to slot T + i."""
     valid: torch.Tensor      # (B, max_len) bool: the slots that hold a row's own tokens (padding is hidden)
     positions: torch.Tensor  # (B, max_len) long: each slot's position in its row, slot - padding (>= 0)
@@ -90,8 +90,8 @@ def check_left_padded(mask):
     return offset
 
 
-def layout(cfg, attention_mask, max_len, device):
-    """The Layout of a left-padded batch with mask (B, T) in a cache of `max_len` slots."""
+def place(cfg, attention_mask, max_len, device):
+    """The Placement of a left-padded batch with mask (B, T) in a cache of `max_len` slots."""
     B, T = attention_mask.shape
     offset = check_left_padded(attention_mask.cpu())  # on the host, once: the loop never waits on it
     longrope_at = cfg.original_max_position_embeddings + int(offset.min()) if cfg.rope_scaling else None
@@ -100,17 +100,17 @@ def layout(cfg, attention_mask, max_len, device):
     valid[:, :T] = attention_mask.to(device).bool()
     slots = torch.arange(max_len, device=device)
     positions = (slots[None, :] - offset[:, None]).clamp(min=0)
-    return Layout(valid, positions, slots, T, longrope_at)
+    return Placement(valid, positions, slots, T, longrope_at)
 
 # -----------------------------------------------------------------------------
 # prefill, one step, the next token
 
 
-def prefill(lm, embeds, lay):
+def prefill(lm, embeds, placed):
     """The prompts' embeddings (B, T, C) into the cache at slots 0..T-1 -> the logits (B, V) of the next token."""
-    T = lay.prompt_len
-    return lm(embeds=embeds, input_pos=lay.slots[:T], attention_mask=lay.valid, position_ids=lay.positions[:, :T],
-              last_only=True)[:, -1]
+    T = placed.prompt_len
+    return lm(embeds=embeds, input_pos=placed.slots[:T], attention_mask=placed.valid,
+              position_ids=placed.positions[:, :T], last_only=True)[:, -1]
 
 
 def decode_one_token(lm, tok, input_pos, valid, pos):
@@ -144,18 +144,18 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def relayout_longrope(lm, embeds, fed, lay, slot):
+def relayout_longrope(lm, embeds, fed, placed, slot):
     """LongRoPE switches to its long factors at `slot`: recompute every cached key, as the reference does, from
     the prompts' embeddings and the tokens fed so far -> the logits (B, V) at `slot`."""
     seq = torch.cat([embeds, lm.model.embed_tokens(torch.stack(fed, 1))], 1)
-    return lm(embeds=seq, input_pos=lay.slots[:slot + 1], attention_mask=lay.valid,
-              position_ids=lay.positions[:, :slot + 1])[:, -1]
+    return lm(embeds=seq, input_pos=placed.slots[:slot + 1], attention_mask=placed.valid,
+              position_ids=placed.positions[:, :slot + 1])[:, -1]
 
 # -----------------------------------------------------------------------------
 # the loop
 
 
-def decode_n_tokens(lm, logits, embeds, lay, n, stop, step=decode_one_token, every=1, callback=None, **sampling):
+def decode_n_tokens(lm, logits, embeds, placed, n, stop, step=decode_one_token, every=1, callback=None, **sampling):
     """From the prefill's logits, up to `n` tokens per row: (tokens (B, k) as fed, k <= n).
 
     A row has stopped once it emitted one of `stop` (a tensor of ids); its later tokens are still decoded
@@ -163,7 +163,7 @@ def decode_n_tokens(lm, logits, embeds, lay, n, stop, step=decode_one_token, eve
     stopped, asked every `every` steps (asking makes the host wait for the device). `callback(tok, done)`
     sees each step's tokens and which rows had stopped before it.
     """
-    T, fed = lay.prompt_len, []
+    T, fed = placed.prompt_len, []
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for i in range(n):
         tok = sample(logits, **sampling)
@@ -174,10 +174,10 @@ def decode_n_tokens(lm, logits, embeds, lay, n, stop, step=decode_one_token, eve
         if i == n - 1 or ((i + 1) % every == 0 and bool(done.all())):
             break
         s = T + i
-        if s == lay.longrope_at:
-            logits = relayout_longrope(lm, embeds, fed, lay, s)
+        if s == placed.longrope_at:
+            logits = relayout_longrope(lm, embeds, fed, placed, s)
         else:
-            logits = step(lm, tok[:, None], lay.slots[s:s + 1], lay.valid, lay.positions[:, s:s + 1])
+            logits = step(lm, tok[:, None], placed.slots[s:s + 1], placed.valid, placed.positions[:, s:s + 1])
     return torch.stack(fed, dim=1)
 
 
@@ -223,14 +223,14 @@ def decode(lm, embeds, attention_mask, max_new_tokens, temperature=0.0, top_k=No
         max_len = min(round_up(max_len, COMPILED_LEN), cfg.max_position_embeddings)
     stop = torch.tensor(stop_ids if stop_ids is not None else cfg.eos_ids, dtype=torch.long, device=device)
     pad_id = cfg.pad_token_id if pad_id is None else pad_id
-    lay = layout(cfg, attention_mask, max_len, device)
+    placed = place(cfg, attention_mask, max_len, device)
     setup_cache(lm, B, max_len, dtype=embeds.dtype, device=device)
     # a GPU step takes milliseconds, and asking "has every row stopped?" makes the host wait for the device:
     # there it asks every 8 steps (the extra steps' tokens are hidden as padding and trimmed), on a CPU every step
     every = 1 if device.type == "cpu" or callback is not None else 8
     step = compiled_step("reduce-overhead" if device.type == "cuda" else None) if compile else decode_one_token
     shown = None if callback is None else lambda tok, done: callback(tok.masked_fill(done, pad_id))
-    fed = decode_n_tokens(lm, prefill(lm, embeds, lay), embeds, lay, max_new_tokens, stop, step, every, shown,
+    fed = decode_n_tokens(lm, prefill(lm, embeds, placed), embeds, placed, max_new_tokens, stop, step, every, shown,
                           temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     return trim(fed, stop, pad_id)
 
@@ -264,9 +264,9 @@ def beam_search(lm, embeds, attention_mask, max_new_tokens, num_beams=3, length_
     stop = torch.tensor(stop_ids if stop_ids is not None else cfg.eos_ids, dtype=torch.long, device=device)
     pad_id = cfg.pad_token_id if pad_id is None else pad_id
     embeds, attention_mask = embeds.repeat_interleave(K, 0), attention_mask.repeat_interleave(K, 0)
-    lay = layout(cfg, attention_mask, T + max_new_tokens - 1, device)
+    placed = place(cfg, attention_mask, T + max_new_tokens - 1, device)
     setup_cache(lm, B * K, T + max_new_tokens - 1, dtype=embeds.dtype, device=device)
-    logits, keep = prefill(lm, embeds, lay), max(2, 1 + len(stop)) * K
+    logits, keep = prefill(lm, embeds, placed), max(2, 1 + len(stop)) * K
     run_seq = torch.full((B, K, max_new_tokens), pad_id, dtype=torch.long, device=device)
     run_score = torch.zeros(B, K, device=device)
     run_score[:, 1:] = -1e9  # the K copies start equal: the first step draws from the first only
@@ -291,9 +291,8 @@ def beam_search(lm, embeds, attention_mask, max_new_tokens, num_beams=3, length_
             break
         reorder_cache(lm, (parent + torch.arange(B, device=device)[:, None] * K).flatten())
         s = T + g
-        logits = decode_one_token(lm, run_seq[:, :, g].reshape(-1, 1), lay.slots[s:s + 1], lay.valid,
-                                  lay.positions[:, s:s + 1])
-    clear_cache(lm)
+        logits = decode_one_token(lm, run_seq[:, :, g].reshape(-1, 1), placed.slots[s:s + 1], placed.valid,
+                                  placed.positions[:, s:s + 1])
     return trim(fin_seq[:, 0], stop, pad_id), fin_score[:, 0]
 
 

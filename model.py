@@ -11,28 +11,26 @@ xGen-MM (BLIP-3): a frozen SigLIP ViT, a Perceiver Resampler and Phi-3, with ima
   there are -100. Any number of images per sample, any number of crops per image.
 - The three tokens xGen-MM adds (`<image>`, `<image placeholder>`, `<|endofchunk|>`) have their own small
   embedding and output tables in the official checkpoint ("decoupled embeddings"); they are folded into
-  rows of the main tables on load (same results) and split out again on save. Generation is generate.py's.
+  rows of the main tables on load (same results) and split out again on save: release.py, the release's
+  checkpoint I/O, which `from_pretrained` / `save_pretrained` / `from_components` call. Generation is
+  generate.py's.
 
 References: xGen-MM / BLIP-3 (arXiv 2408.08872); salesforce/LAVIS branch xgen-mm and the Hub release
 Salesforce/xgen-mm-phi3-mini-instruct-r-v1.5 (modeling_xgenmm.py); LLaVA-NeXT any-resolution (unpad_image);
 OpenFlamingo; docs/release.md (the facts this file implements).
 """
-import itertools
-import json
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-import generate as decoding
+import generate
 import phi3
 import resampler
 import vit
 import weights
 from images import Images, group_features, pad_groups, select_grid
-from tokenizer import XGENMM_TOKENS, Tokenizer, TokenizerError, extend_tokenizer, pad_batch
+from tokenizer import XGENMM_TOKENS, Tokenizer, pad_batch, round_up
 
 SIGLIP_SO400M = "google/siglip-so400m-patch14-384"
 GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))  # (cols, rows): the release's anyres_grids, in crops
@@ -159,7 +157,7 @@ def preset(name, strategy="anyres", tokenizer=None):
     if text.vocab_size >= 32015:
         text.pad_token_id = 32011
     if tokenizer is not None:
-        text.vocab_size, text.output_vocab_size = -(-len(tokenizer) // 64) * 64, len(tokenizer)  # x64 as Phi-3
+        text.vocab_size, text.output_vocab_size = round_up(len(tokenizer), 64), len(tokenizer)  # as Phi-3
         text.bos_token_id, text.pad_token_id = tokenizer.bos_id, tokenizer.pad_id
         end = [tokenizer.token_to_id("<|end|>")] if "<|end|>" in tokenizer.by_content else []
         text.eos_token_id = [tokenizer.eos_id] + end
@@ -175,26 +173,48 @@ class XGenMM(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        # module names = the official checkpoint's prefixes (vlm.vision_encoder / vision_tokenizer / lang_model)
+        # module names = the official checkpoint's prefixes (vlm.vision_encoder / vision_tokenizer / lang_model):
+        # `vision_tokenizer` is the release's name for the resampler, kept so that loading is a copy by name
         self.vision_encoder = vit.ViT(config.vision).requires_grad_(False)  # frozen in every stage (paper 3)
-        self.vision_tokenizer = resampler.PerceiverResampler(config.resampler)
+        self.vision_tokenizer = resampler.build(config.resampler)
         self.lang_model = phi3.Phi3(config.text)
         self.tokenizer = None  # set by the loaders when the checkpoint has tokenizer files
         self.vit_batch = 32    # views per ViT call: bounds activation memory for many-image batches
 
-    @classmethod
-    def from_tokenizer(cls, tokenizer, size="tiny", strategy="anyres"):
-        """A new model to train from scratch, of preset `size`, its vocabulary sized to `tokenizer` (a tokenizer
-        directory, or a Tokenizer already extended by `extend_tokenizer`): the toy world's models start here."""
-        if not isinstance(tokenizer, Tokenizer):
-            tokenizer = read_tokenizer(tokenizer)
-            extend_tokenizer(tokenizer)
-        tok = tokenizer
-        m = cls(preset(size, strategy, tok))
-        m.lang_model.init_weights()
-        m.vision_encoder.init_weights()
-        m.tokenizer = tok
-        return m
+    # ---- interleaving: the splice ------------------------------------------------
+
+    def embed(self, input_ids, images=None):
+        """Expanded ids (B, T) -> input embeddings (B, T, C), the vision tokens of `images` scattered, in order,
+        into the positions that hold `<image>` (config.expand_images put one per vision token there)."""
+        is_image, per_row = self.image_positions(input_ids, images)  # (B, T), vision tokens of each row's images
+        device = self.lang_model.lm_head.weight.device
+        input_ids = input_ids.to(device, non_blocking=True)
+        embeds = self.lang_model.model.embed_tokens(input_ids)
+        if not any(per_row):
+            return self.keep_in_graph(embeds)
+        vision = torch.cat(self.encode_images(images, self.instructions(embeds, input_ids, per_row)))  # (n, C)
+        return embeds.masked_scatter(is_image.to(device)[..., None], vision.to(embeds.dtype))
+
+    def image_positions(self, input_ids, images):
+        """(ids == <image> (B, T), per row the vision tokens of each of its images); a row whose `<image>` count is
+        not its images' token count (ids not expanded by config.expand_images) is a ValueError."""
+        sizes = iter(images.sizes if images is not None else [])
+        counts = images.counts if images is not None else [0] * len(input_ids)
+        per_row = [[self.config.image_tokens(next(sizes)) for _ in range(n)] for n in counts]
+        is_image = input_ids == self.config.image_token_id
+        for b, (have, want) in enumerate(zip(is_image.sum(1).tolist(), per_row)):
+            if have != sum(want):
+                raise ValueError(f"sample {b}: {have} <image> positions for {sum(want)} vision tokens: expand each "
+                                 "<image> with config.expand_images (data.py and XGenMM.encode_batch do)")
+        return is_image, per_row
+
+    def instructions(self, embeds, ids, per_row):
+        """Per image, in order, its instruction's embeddings for an instruction-aware resampler; else None."""
+        if not self.config.resampler.instruction_dim:
+            return None
+        find = self.vision_tokenizer.instructions  # resampler.InstructionAwareResampler's
+        return [t for b, n in enumerate(per_row)
+                for t in find(embeds[b], ids[b], n, self.config.image_token_id, self.stop_ids)]
 
     # ---- images -> vision tokens -----------------------------------------------
 
@@ -214,29 +234,12 @@ class XGenMM(nn.Module):
             per_image.append(len(g))
         if v != len(feats):
             raise ValueError(f"Images has {len(feats)} views but its grids account for {v}")
-        text = {}
-        if instructions is not None:  # every group of an image reads that image's instruction
-            per_group = [t for t, n in zip(instructions, per_image) for _ in range(n)]
-            T = max(1, max(len(t) for t in per_group))
-            text["text"] = torch.stack([F.pad(t, (0, 0, 0, T - len(t))) for t in per_group])
-            text["text_mask"] = torch.stack([torch.arange(T, device=t.device) < len(t) for t in per_group])
-        tokens = self.vision_tokenizer(*pad_groups(groups, masks), **text)  # (G, L, C)
+        x, mask = pad_groups(groups, masks)
+        if instructions is None:
+            tokens = self.vision_tokenizer(x, mask)  # (G, L, C)
+        else:  # resampler.InstructionAwareResampler: every group of an image reads that image's instruction
+            tokens = self.vision_tokenizer.resample(x, mask, instructions, per_image)
         return [t.flatten(0, 1) for t in tokens.split(per_image)]
-
-    def instructions(self, embeds, ids, tokens, limit=64):
-        """Per image of one row (`tokens`: how many positions each fills, in order): the embeddings of the text
-        after its block up to the end of the user's turn (`<|end|>`), never into an answer; empty when the turn
-        does not end (plain documents). Images listed together share the words after the last of them."""
-        stops = torch.isin(ids, torch.tensor(self.stop_ids, device=ids.device)).nonzero().flatten().tolist()
-        where = (ids == self.config.image_token_id).nonzero().flatten().tolist()
-        out, k = [], 0
-        for n in tokens:
-            last, k = where[k + n - 1], k + n
-            end = next((s for s in stops if s > last), last + 1)
-            later = [p for p in where if last < p < end]
-            start = (later[-1] if later else last) + 1
-            out.append(embeds[start:end][-limit:])
-        return out
 
     def vit_features(self, pixels):
         frozen = not any(p.requires_grad for p in self.vision_encoder.parameters())
@@ -244,30 +247,7 @@ class XGenMM(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # a frozen ViT keeps no activations
             return torch.cat([self.vision_encoder(c) for c in pixels.split(self.vit_batch)])
 
-    # ---- interleaving -----------------------------------------------------------
-
-    def embed(self, input_ids, images=None):
-        """Expanded ids (B, T) -> input embeddings (B, T, C), the vision tokens of `images` scattered, in order,
-        into the positions that hold `<image>` (config.expand_images put one per vision token there)."""
-        L, anyres = self.config.resampler.num_latents, self.config.strategy == "anyres"
-        tokens = [L * (1 + c * r) if anyres else L for c, r in images.grids] if images is not None else []
-        bounds = [0, *itertools.accumulate(images.counts)] if images is not None else [0] * (len(input_ids) + 1)
-        per_row = [tokens[a:b] for a, b in zip(bounds, bounds[1:])]  # vision tokens of each row's images
-        is_image = input_ids == self.config.image_token_id
-        for b, (have, want) in enumerate(zip(is_image.sum(1).tolist(), per_row)):
-            if have != sum(want):
-                raise ValueError(f"sample {b}: {have} <image> positions for {sum(want)} vision tokens: expand each "
-                                 "<image> with config.expand_images (data.py and XGenMM.encode_batch do)")
-        device = self.lang_model.lm_head.weight.device
-        input_ids = input_ids.to(device, non_blocking=True)
-        embeds = self.lang_model.model.embed_tokens(input_ids)
-        if not tokens:
-            return self.keep_in_graph(embeds)
-        instructions = None
-        if self.config.resampler.instruction_dim:
-            instructions = [t for b, n in enumerate(per_row) for t in self.instructions(embeds[b], input_ids[b], n)]
-        vision = torch.cat(self.encode_images(images, instructions))  # (all image positions, C), in order
-        return embeds.masked_scatter(is_image.to(device)[..., None], vision.to(embeds.dtype))
+    # ---- the loss -------------------------------------------------------------------
 
     def forward(self, input_ids, images=None, attention_mask=None, labels=None, reduction="mean"):
         """Logits (B, T, V) of expanded ids (B, T) with their images spliced in; with `labels`, the loss instead.
@@ -316,7 +296,7 @@ class XGenMM(nn.Module):
             except ValueError as e:
                 raise ValueError(f"sample {b}: {e}") from None
         pad = self.config.text.pad_token_id
-        ids, mask = decoding.left_pad(rows, pad) if padding_side == "left" else pad_batch(rows, pad)
+        ids, mask = generate.left_pad(rows, pad) if padding_side == "left" else pad_batch(rows, pad)
         return ids, mask, images
 
     @torch.no_grad()
@@ -332,178 +312,45 @@ class XGenMM(nn.Module):
         embeds = self.embed(ids, images)
         options.setdefault("stop_ids", self.stop_ids)
         options.setdefault("pad_id", self.config.text.pad_token_id)
-        return decoding.decode(self.lang_model, embeds, mask.to(embeds.device), max_new_tokens, **options)
+        return generate.decode(self.lang_model, embeds, mask.to(embeds.device), max_new_tokens, **options)
 
-    # ---- checkpoints --------------------------------------------------------------
+    # ---- checkpoints: release.py's, the release's checkpoint I/O -------------------
+    # (imported where used: release.py builds on this file)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        """An official xGen-MM directory (or a Hub id found in the local Hugging Face cache), strict keys.
-
-        Built on the meta device and filled by assignment, so the weights are never held twice.
-        """
-        path = weights.resolve_dir(path)
-        d = weights.read_config(path)
-        if d.get("model_type") != "xgenmm":
-            raise weights.CheckpointError(
-                f"{path}/config.json: model_type {d.get('model_type')!r}, not 'xgenmm'; to start a new model from "
-                "a SigLIP and a Phi-3 checkpoint use XGenMM.from_components(siglip_path, phi3_path)")
-        config = read_config(d, path)
-        phi3.add_generation_stop_ids(config.text, path)
-        ckpt = weights.Checkpoint(path)
-        check_layers(ckpt, config)
-        key = LM + DECOUPLED[0][1]
-        if key not in ckpt:
-            raise weights.CheckpointError(f"{path}: missing tensor '{key}' (the decoupled rows of the xGen-MM tokens)")
-        config.text.output_vocab_size = config.initial_tokenizer_len + ckpt.shape(key)[0]
-        config.text.lm_head_bias = LM + "lm_head.bias" in ckpt
-        if config.text.output_vocab_size > config.text.vocab_size:
-            raise weights.CheckpointError(f"{path}: initial_tokenizer_len + decoupled rows = "
-                                          f"{config.text.output_vocab_size} > vocab_size {config.text.vocab_size}")
-        model = weights.load_model(ckpt, lambda: cls(config), convert_checkpoint, dtype, device)
-        if (path / "tokenizer.model").is_file():
-            model.tokenizer = load_tokenizer(path, config)
-        return model
+        """An official xGen-MM directory (or a Hub id found in the local Hugging Face cache), strict keys;
+        built on the meta device and filled by assignment, so the weights are never held twice."""
+        import release
+        return release.from_pretrained(path, dtype, device)
 
     @classmethod
     def from_components(cls, siglip_path, phi3_path, strategy="anyres", grids=None, resampler_config=None,
                         dtype=None, device=None):
-        """A new xGen-MM for pretraining: a SigLIP and a Phi-3 checkpoint, a fresh resampler, the extended tokenizer.
+        """A new xGen-MM for pretraining from a SigLIP and a Phi-3 checkpoint (release.from_components)."""
+        import release
+        return release.from_components(siglip_path, phi3_path, strategy, grids, resampler_config, dtype, device)
 
-        As the official factory: `<pad>` is added when the pad token is the eos, then the three xGen-MM
-        tokens. Their embedding and output rows start as the mean of the existing rows, and the output
-        layer gets the zero bias the official decoupled head carries, so saved checkpoints have its layout.
-        """
-        dtype = weights.resolve_dtype(dtype)
-        try:
-            tower = vit.ViT.from_pretrained(siglip_path, dtype, device)
-            lm = phi3.Phi3.from_pretrained(phi3_path, dtype, device)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:  # a config.json these files cannot read
-            raise weights.CheckpointError(f"{siglip_path} / {phi3_path}: cannot read the config "
-                                          f"({type(e).__name__}: {e})") from None
-        tok = read_tokenizer(weights.resolve_dir(phi3_path))
-        initial = extend_tokenizer(tok)
-        phi3.add_token_rows(lm, initial, len(tok))
-        lm.config.pad_token_id = tok.pad_id
-        rcfg = resampler_config or resampler.ResamplerConfig(dim=tower.config.hidden_size,
-                                                             dim_inner=lm.config.hidden_size)
-        if (rcfg.dim, rcfg.dim_inner) != (tower.config.hidden_size, lm.config.hidden_size):
-            raise ValueError(f"resampler dims {rcfg.dim} -> {rcfg.dim_inner} do not join the ViT width "
-                             f"{tower.config.hidden_size} to the LM width {lm.config.hidden_size}")
-        name = SIGLIP_SO400M if tower.config == vit.PRESETS["so400m"] else str(siglip_path)
-        config = XGenMMConfig.from_strategy(strategy, vision=tower.config, resampler=rcfg, text=lm.config,
-                                            anyres_grids=grids, model_name=name, initial_tokenizer_len=initial)
-        with torch.device("meta"):
-            model = cls(config)
-        model.vision_encoder, model.lang_model = tower.requires_grad_(False), lm
-        model.vision_tokenizer = resampler.PerceiverResampler(rcfg).to(device=device, dtype=dtype)
-        model.tokenizer = tok
-        return model.eval()
+    @classmethod
+    def from_tokenizer(cls, tokenizer, size="tiny", strategy="anyres"):
+        """A new model to train from scratch, of preset `size`, its vocabulary sized to `tokenizer` (a tokenizer
+        directory, or a Tokenizer already extended by `extend_tokenizer`): the toy world's models start here."""
+        if not isinstance(tokenizer, Tokenizer):
+            import release
+            tokenizer = release.read_tokenizer(tokenizer)
+        m = cls(preset(size, strategy, tokenizer))
+        m.lang_model.init_weights()
+        m.vision_encoder.init_weights()
+        m.tokenizer = tokenizer
+        return m
 
     def official_state_dict(self):
         """Every tensor under its official name (`vlm.*`), the decoupled rows split out again."""
-        out = {"vlm.vision_encoder." + k: v for k, v in self.vision_encoder.official_state_dict().items()}
-        out |= {"vlm.vision_tokenizer." + k: v for k, v in self.vision_tokenizer.official_state_dict().items()}
-        lm = self.lang_model.state_dict()
-        i, n = self.config.initial_tokenizer_len, self.config.text.output_vocab_size - self.config.initial_tokenizer_len
-        for ours, theirs in DECOUPLED:
-            if ours in lm:
-                out[LM + theirs] = lm[ours][i: i + n]
-        return out | {LM + k: v for k, v in lm.items()}
+        import release
+        return release.official_state_dict(self)
 
     def save_pretrained(self, path, max_shard_size=5 * 2**30, state_dict=None):
-        """The official layout: config.json, (sharded) safetensors under `vlm.*`, tokenizer and generation config.
-
-        Loads with `from_pretrained` and, with the release's remote-code files beside it, in the official code.
-        `state_dict` replaces `official_state_dict()` (e.g. with LoRA adapters merged in, see lora.py).
-        """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        weights.save_sharded(self.official_state_dict() if state_dict is None else state_dict, path, max_shard_size)
-        (path / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2) + "\n")
-        t = self.config.text
-        gen = {"bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id}
-        (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(path)
-        return path
-
-# -----------------------------------------------------------------------------
-# loading helpers
-
-
-LM = "vlm.lang_model."
-# quirk: the official DecoupledEmbedding / DecoupledLinear keep the added tokens' rows in separate tables;
-# ours -> theirs, both under LM. Folded in at rows initial_tokenizer_len.. on load, split out on save.
-DECOUPLED = (("model.embed_tokens.weight", "model.embed_tokens.additional_embedding.weight"),
-             ("lm_head.weight", "lm_head.additional_fc.weight"),
-             ("lm_head.bias", "lm_head.additional_fc.bias"))
-
-
-def convert_checkpoint(ckpt, model):
-    """The official xGen-MM tensors -> our state dict (shapes checked by each component's converter)."""
-    cfg = model.config
-    state = {"vision_encoder." + k: v for k, v in vit.convert_checkpoint(ckpt, "vlm.vision_encoder.", cfg.vision).items()}
-    state |= {"vision_tokenizer." + k: v
-              for k, v in resampler.convert_checkpoint(ckpt, "vlm.vision_tokenizer.", cfg.resampler).items()}
-    lm = phi3.convert_checkpoint(ckpt, LM, model.lang_model)
-    i, n = cfg.initial_tokenizer_len, cfg.text.output_vocab_size - cfg.initial_tokenizer_len
-    for ours, theirs in DECOUPLED:
-        if ours in lm:  # lm_head.bias only when the checkpoint has one
-            lm[ours][i: i + n] = ckpt.take(LM + theirs, (n, *lm[ours].shape[1:]))
-    return state | {"lang_model." + k: v for k, v in lm.items()}
-
-
-def read_config(d, path):
-    """config.json's dict -> XGenMMConfig, its sizes checked; anything unreadable is a CheckpointError."""
-    try:
-        config = XGenMMConfig.from_hf(d)
-    except weights.CheckpointError as e:
-        raise weights.CheckpointError(f"{path}/config.json: {e}") from None
-    except (ValueError, TypeError, KeyError, AttributeError) as e:  # a field of the wrong type or value
-        raise weights.CheckpointError(f"{path}/config.json: cannot read it ({type(e).__name__}: {e})") from None
-    sizes = {"vision_encoder_config": (config.vision, ("image_size", "patch_size", "hidden_size", "intermediate_size",
-                                                       "num_hidden_layers", "num_attention_heads")),
-             "vision_tokenizer_config": (config.resampler, ("dim", "dim_inner", "num_latents", "depth", "heads",
-                                                            "dim_head", "ff_mult")),
-             "text_config": (config.text, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                           "num_attention_heads", "num_key_value_heads"))}
-    for part, (cfg, names) in sizes.items():
-        for name in names:
-            v = getattr(cfg, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= 2**24:
-                raise weights.CheckpointError(f"{path}/config.json: {part}.{name} = {v!r} is not a size")
-    for part, cfg, heads in (("vision_encoder_config", config.vision, config.vision.num_attention_heads),
-                             ("text_config", config.text, config.text.num_attention_heads)):
-        if cfg.hidden_size % heads:
-            raise weights.CheckpointError(f"{path}/config.json: {part}.hidden_size {cfg.hidden_size} is not a "
-                                          f"multiple of num_attention_heads {heads}")
-    return config
-
-
-def check_layers(ckpt, config):
-    """Each part's layer count against the checkpoint's, before anything is built (see weights.check_layers)."""
-    for prefix, n, field in (("vlm.vision_encoder.encoder.layers.", config.vision.num_hidden_layers,
-                              "vision_encoder_config.num_hidden_layers"),
-                             ("vlm.vision_tokenizer.layers.", config.resampler.depth, "vision_tokenizer_config.depth"),
-                             (LM + "model.layers.", config.text.num_hidden_layers, "text_config.num_hidden_layers")):
-        weights.check_layers(ckpt, prefix, n, field)
-
-
-def read_tokenizer(path):
-    """Tokenizer files as a Tokenizer; unreadable ones (a corrupt tokenizer.model...) are a CheckpointError."""
-    try:
-        return Tokenizer.from_pretrained(path)
-    except TokenizerError as e:
-        raise weights.CheckpointError(str(e)) from None
-
-
-def load_tokenizer(path, config):
-    tok = read_tokenizer(path)
-    extend_tokenizer(tok)
-    ids = [tok.token_to_id(t) for t in XGENMM_TOKENS]
-    want = list(range(config.initial_tokenizer_len, config.initial_tokenizer_len + len(XGENMM_TOKENS)))
-    if ids != want or len(tok) > config.text.output_vocab_size:
-        raise weights.CheckpointError(f"{path}: the tokenizer gives {list(XGENMM_TOKENS)} the ids {ids} and has "
-                                      f"{len(tok)} tokens; the checkpoint's rows for them are {want}")
-    return tok
+        """The official layout (release.save_pretrained): loads with `from_pretrained` and, with the release's
+        remote-code files beside it, in the official code. `state_dict` replaces `official_state_dict()`."""
+        import release
+        return release.save_pretrained(self, path, max_shard_size, state_dict)

@@ -18,6 +18,8 @@ Phi-3-mini, the language model of xGen-MM: the network, its loss, and its loader
 - Decoding (the static KV cache, prefill, sampling, left padding) is generate.py's; `forward` only knows
   that with `input_pos` its queries sit at those slots of a cache. `Phi3.generate` is a thin method over it.
 - The tokenizer lives in tokenizer.py and is re-exported here as `phi3.Tokenizer`.
+- The file reads bottom-up: rotary embedding, building blocks, config, the decoder; config.json parsing and
+  the checkpoint's names come last, under "loading".
 
 References: Phi-3 technical report (arXiv 2404.14219); RoFormer (arXiv 2104.09864); LongRoPE (arXiv
 2402.13753); microsoft/Phi-3-mini-4k-instruct; transformers' modeling_phi3.py (the numerical reference).
@@ -30,118 +32,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import generate as decoding
+import generate
 import weights
 from attention import Mask, attention
 from fused import linear_cross_entropy
 from tokenizer import Tokenizer  # noqa: F401  (phi3.Tokenizer: the tokenizer lives in tokenizer.py)
-
-# -----------------------------------------------------------------------------
-# config
-
-
-@dataclass
-class Phi3Config:
-    vocab_size: int = 32064              # 32011 used ids, padded to a multiple of 64
-    hidden_size: int = 3072
-    intermediate_size: int = 8192
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 32        # Phi-3-mini has no GQA; Phi-3-medium does
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None     # None, or longrope: {"type", "short_factor", "long_factor"}
-    max_position_embeddings: int = 4096
-    original_max_position_embeddings: int = 4096
-    sliding_window: int | None = 2047
-    embd_pdrop: float = 0.0
-    resid_pdrop: float = 0.0
-    attention_dropout: float = 0.0
-    lm_head_bias: bool = False           # the xGen-MM head carries a bias; Phi-3's does not
-    output_vocab_size: int | None = None  # logits only for ids < this (xGen-MM: 32015); None = vocab_size
-    bos_token_id: int = 1
-    eos_token_id: int | list = 32000     # Phi-3-instruct's generation_config.json: [32000, 32001, 32007]
-    pad_token_id: int = 32000
-
-    @property
-    def head_dim(self):
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def eos_ids(self):
-        return as_id_list(self.eos_token_id)
-
-    @classmethod
-    def from_hf(cls, d):
-        """From a Hugging Face Phi-3 config.json dict; refuses what this file does not implement."""
-        if d.get("model_type", "phi3") != "phi3":
-            raise ValueError(f"config model_type is {d['model_type']!r}, not 'phi3'"
-                             + (": an xGen-MM checkpoint loads with model.py" if d["model_type"] == "xgenmm" else ""))
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"Phi-3 config: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
-        if d.get("tie_word_embeddings", False):
-            raise ValueError("Phi-3 config: tie_word_embeddings=true is not supported (Phi-3 has a separate lm_head)")
-        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
-        if float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))) != 1.0:
-            raise ValueError("Phi-3 config: partial_rotary_factor != 1 is not supported (Phi-3 rotates whole heads)")
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind in ("su", "longrope"):
-            scaling = {"type": "longrope", "short_factor": list(rope["short_factor"]),
-                       "long_factor": list(rope["long_factor"])}
-            half = d["hidden_size"] // d["num_attention_heads"] // 2
-            for k in ("short_factor", "long_factor"):
-                if len(scaling[k]) != half:
-                    raise ValueError(f"Phi-3 config: rope_scaling.{k} has {len(scaling[k])} entries, "
-                                     f"head_dim / 2 = {half} expected")
-            for k in ("factor", "attention_factor"):
-                if rope.get(k) is not None:
-                    scaling[k] = float(rope[k])
-        elif kind == "default":
-            scaling = None
-        else:
-            raise ValueError(f"Phi-3 config: rope scaling type {kind!r} is not supported; this implementation "
-                             "knows the default RoPE and 'longrope'/'su' (the 128k models)")
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known and k not in ("rope_scaling",)}
-        kw["rope_theta"] = float(d.get("rope_theta", rope.get("rope_theta", 10000.0)))
-        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if kw.get(k) is None:
-                kw.pop(k, None)
-        kw["sliding_window"] = d.get("sliding_window")  # absent means none, as in the reference
-        if kw.get("num_key_value_heads") is None:
-            kw["num_key_value_heads"] = d["num_attention_heads"]
-        kw.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 4096))
-        return cls(**kw, rope_scaling=scaling)
-
-    def to_hf(self):
-        """The Hugging Face config.json dict (model.py writes it as an xGen-MM `text_config`)."""
-        ours = ("lm_head_bias", "output_vocab_size")  # not config fields upstream: they follow from the weights
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ours}
-        return {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "hidden_act": "silu",
-                "tie_word_embeddings": False, **d}
-
-
-def as_id_list(ids):
-    """An eos field of config.json or generation_config.json (None, one id or a list) as a list."""
-    return [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
-
-
-def add_generation_stop_ids(cfg, path):
-    """Add the eos ids of `path`/generation_config.json, if any, to cfg's: instruct models list more there."""
-    gen = Path(path) / "generation_config.json"
-    if gen.is_file():
-        extra = as_id_list(weights.read_json(gen).get("eos_token_id"))
-        cfg.eos_token_id = list(dict.fromkeys(cfg.eos_ids + extra))
-
-
-PRESETS = {
-    "phi3-mini-4k": Phi3Config(),
-    # bench / CPU presets (sizes shared with vit.py's and resampler.py's presets of the same name)
-    "small": Phi3Config(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                        num_key_value_heads=12),
-    "tiny": Phi3Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=4, eos_token_id=2, pad_token_id=0),
-}
 
 # -----------------------------------------------------------------------------
 # rotary position embedding
@@ -245,6 +140,58 @@ class Block(nn.Module):
         return F.dropout(x, self.p, True) if self.training and self.p > 0 else x
 
 # -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Phi3Config:
+    vocab_size: int = 32064              # 32011 used ids, padded to a multiple of 64
+    hidden_size: int = 3072
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32        # Phi-3-mini has no GQA; Phi-3-medium does
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None     # None, or longrope: {"type", "short_factor", "long_factor"}
+    max_position_embeddings: int = 4096
+    original_max_position_embeddings: int = 4096
+    sliding_window: int | None = 2047
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attention_dropout: float = 0.0
+    lm_head_bias: bool = False           # the xGen-MM head carries a bias; Phi-3's does not
+    output_vocab_size: int | None = None  # logits only for ids < this (xGen-MM: 32015); None = vocab_size
+    bos_token_id: int = 1
+    eos_token_id: int | list = 32000     # Phi-3-instruct's generation_config.json: [32000, 32001, 32007]
+    pad_token_id: int = 32000
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def eos_ids(self):
+        return as_id_list(self.eos_token_id)
+
+    @classmethod
+    def from_hf(cls, d):  # see "loading" at the end
+        return config_from_hf(d)
+
+    def to_hf(self):
+        return config_to_hf(self)
+
+
+PRESETS = {
+    "phi3-mini-4k": Phi3Config(),
+    # bench / CPU presets (sizes shared with vit.py's and resampler.py's presets of the same name)
+    "small": Phi3Config(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                        num_key_value_heads=12),
+    "tiny": Phi3Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, eos_token_id=2, pad_token_id=0),
+}
+
+# -----------------------------------------------------------------------------
 # the decoder
 
 
@@ -319,12 +266,21 @@ class Phi3(nn.Module):
                 raise RuntimeError("forward with input_pos needs a KV cache: call setup_cache (generate.py) first")
             keep = None if attention_mask is None else attention_mask.bool()
             pos = input_pos[None, :].expand(B, T) if position_ids is None else position_ids
+            if T == 1:  # one new token: the slots it sees, worked out here once rather than in every layer
+                return Mask(key_keep=self.slots_seen(input_pos, keep)), pos
             return Mask(causal=True, window=window, key_keep=keep, q_pos=input_pos), pos
         if attention_mask is not None:  # padded rows, either side: one key range per row
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if position_ids is None else position_ids
             return Mask.from_padding(attention_mask, causal=True, window=window), pos  # real tokens count from 0
         pos = torch.arange(T, device=device)[None, :].expand(B, T) if position_ids is None else position_ids
         return Mask(causal=True, window=window), pos
+
+    def slots_seen(self, input_pos, keep):
+        """(B or 1, slots) bool: the cache slots a query at slot input_pos (1,) sees: those up to its own, within
+        the sliding window, and among `keep` (the slots holding its row's tokens) when given."""
+        d = input_pos - torch.arange(self.model.layers[0].self_attn.kv_cache.k.shape[2], device=input_pos.device)
+        seen = (d >= 0) if self.config.sliding_window is None else (d >= 0) & (d < self.config.sliding_window)
+        return seen[None] if keep is None else keep & seen
 
     def head_weights(self):
         """lm_head's weight and bias, restricted to the first `output_vocab_size` rows when the config asks."""
@@ -340,26 +296,19 @@ class Phi3(nn.Module):
         `options` are generate.decode's: temperature (0 = greedy), top_k, top_p, stop_ids, pad_id, generator,
         callback, compile.
         """
-        return decoding.generate(self, idx, max_new_tokens, attention_mask, **options)
+        return generate.generate(self, idx, max_new_tokens, attention_mask, **options)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
         """A Hugging Face Phi-3 directory (config.json + single or sharded safetensors)."""
-        cfg = Phi3Config.from_hf(weights.read_config(path))
+        cfg = config_from_hf(weights.read_config(path))
         path = weights.resolve_dir(path)
         add_generation_stop_ids(cfg, path)
         ckpt = weights.Checkpoint(path)
         cfg.lm_head_bias = "lm_head.bias" in ckpt
         weights.check_layers(ckpt, "model.layers.", cfg.num_hidden_layers, "num_hidden_layers")
-        return weights.load_model(ckpt, lambda: cls(cfg), lambda c, m: convert_checkpoint(c, "", m), dtype, device)
+        return weights.load_model(ckpt, lambda: cls(cfg), convert_checkpoint, dtype, device)
 
-
-def convert_checkpoint(ckpt, prefix, model):
-    """Every tensor of the decoder under `prefix` ('' for a Phi-3 checkpoint, 'vlm.lang_model.' in xGen-MM).
-
-    Our names are the checkpoint's names; the (non-persistent) rotary tables are not stored.
-    """
-    return weights.take_module(ckpt, model, prefix)
 
 
 def shift_labels(labels):
@@ -375,24 +324,74 @@ def sequence_nll(x, weight, bias, targets):
     rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(targets)[keep]
     return torch.zeros(x.shape[0], device=x.device).index_add(0, rows, nll)
 
+# -----------------------------------------------------------------------------
+# loading: config.json, generation_config.json and the checkpoint's names
 
-@torch.no_grad()
-def add_token_rows(lm, first, n_out):
-    """Make room in a Phi-3 for the ids first..n_out-1: rows = mean of the rows before, zero bias, n_out logits."""
-    cfg, C = lm.config, lm.config.hidden_size
-    if n_out > cfg.vocab_size:  # grow both tables, to a multiple of 64 as Phi-3's are
-        V, old = -(-n_out // 64) * 64, cfg.vocab_size
-        w = lm.model.embed_tokens.weight
-        emb, head = nn.Embedding(V, C, device=w.device, dtype=w.dtype), nn.Linear(C, V, lm.lm_head.bias is not None,
-                                                                                 device=w.device, dtype=w.dtype)
-        emb.weight[:old], head.weight[:old] = w, lm.lm_head.weight
-        if head.bias is not None:
-            head.bias[:old] = lm.lm_head.bias
-        lm.model.embed_tokens, lm.lm_head, cfg.vocab_size = emb, head, V
-    for w in (lm.model.embed_tokens.weight, lm.lm_head.weight):
-        w[first:n_out] = w[:first].mean(0)
-    if lm.lm_head.bias is None:
-        lm.lm_head.bias = nn.Parameter(torch.zeros_like(lm.lm_head.weight[:, 0]))
+
+def config_from_hf(d):
+    """From a Hugging Face Phi-3 config.json dict; refuses what this file does not implement."""
+    if d.get("model_type", "phi3") != "phi3":
+        raise ValueError(f"config model_type is {d['model_type']!r}, not 'phi3'"
+                         + (": an xGen-MM checkpoint loads with model.py" if d["model_type"] == "xgenmm" else ""))
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"Phi-3 config: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+    if d.get("tie_word_embeddings", False):
+        raise ValueError("Phi-3 config: tie_word_embeddings=true is not supported (Phi-3 has a separate lm_head)")
+    rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    if float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise ValueError("Phi-3 config: partial_rotary_factor != 1 is not supported (Phi-3 rotates whole heads)")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in ("su", "longrope"):
+        scaling = {"type": "longrope", "short_factor": list(rope["short_factor"]),
+                   "long_factor": list(rope["long_factor"])}
+        half = d["hidden_size"] // d["num_attention_heads"] // 2
+        for k in ("short_factor", "long_factor"):
+            if len(scaling[k]) != half:
+                raise ValueError(f"Phi-3 config: rope_scaling.{k} has {len(scaling[k])} entries, "
+                                 f"head_dim / 2 = {half} expected")
+        for k in ("factor", "attention_factor"):
+            if rope.get(k) is not None:
+                scaling[k] = float(rope[k])
+    elif kind == "default":
+        scaling = None
     else:
-        lm.lm_head.bias[first:n_out] = 0
-    cfg.lm_head_bias, cfg.output_vocab_size = True, n_out
+        raise ValueError(f"Phi-3 config: rope scaling type {kind!r} is not supported; this implementation "
+                         "knows the default RoPE and 'longrope'/'su' (the 128k models)")
+    known = {f.name for f in fields(Phi3Config)}
+    kw = {k: v for k, v in d.items() if k in known and k not in ("rope_scaling",)}
+    kw["rope_theta"] = float(d.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if kw.get(k) is None:
+            kw.pop(k, None)
+    kw["sliding_window"] = d.get("sliding_window")  # absent means none, as in the reference
+    if kw.get("num_key_value_heads") is None:
+        kw["num_key_value_heads"] = d["num_attention_heads"]
+    kw.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 4096))
+    return Phi3Config(**kw, rope_scaling=scaling)
+
+
+def config_to_hf(c):
+    """The Hugging Face config.json dict (model.py writes it as an xGen-MM `text_config`)."""
+    ours = ("lm_head_bias", "output_vocab_size")  # not config fields upstream: they follow from the weights
+    d = {f.name: getattr(c, f.name) for f in fields(c) if f.name not in ours}
+    return {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "hidden_act": "silu",
+            "tie_word_embeddings": False, **d}
+
+
+def as_id_list(ids):
+    """An eos field of config.json or generation_config.json (None, one id or a list) as a list."""
+    return [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+
+def add_generation_stop_ids(cfg, path):
+    """Add the eos ids of `path`/generation_config.json, if any, to cfg's: instruct models list more there."""
+    gen = Path(path) / "generation_config.json"
+    if gen.is_file():
+        extra = as_id_list(weights.read_json(gen).get("eos_token_id"))
+        cfg.eos_token_id = list(dict.fromkeys(cfg.eos_ids + extra))
+
+
+def convert_checkpoint(ckpt, module, prefix=""):
+    """Every tensor of the decoder `module` under `prefix` ('' for a Phi-3 checkpoint, 'vlm.lang_model.' in
+    xGen-MM). Our names are the checkpoint's names; the (non-persistent) rotary tables are not stored."""
+    return weights.take_module(ckpt, module, prefix)

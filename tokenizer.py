@@ -12,8 +12,9 @@ how Phi-3 ships):
   space); a piece after an added token does not.
 - The reference runs BPE over each whole piece of text; SentencePiece would also pre-split it at spaces.
   So the SentencePiece model is loaded with two fields of its serialized config switched off
-  (`add_dummy_prefix`, `split_by_whitespace`) by a 30-line edit of the protobuf wire format below (the
-  reference does the same edit with the protobuf package, which this project does not need).
+  (`add_dummy_prefix`, `split_by_whitespace`) by a 30-line edit of the protobuf wire format
+  (sentencepiece_proto.py; the reference does the same edit with the protobuf package, which this project
+  does not need).
 - `<s>` is prepended when `add_bos_token` is true (Phi-3's current files say false).
 
 Files read: tokenizer.model, tokenizer_config.json (added_tokens_decoder, add_bos_token, special
@@ -31,106 +32,16 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from sentencepiece_proto import ProtobufError, bare_model
+from weights import read_json
+
 # -----------------------------------------------------------------------------
-# editing two fields of a serialized SentencePiece model (protobuf wire format)
+# the tokenizer
 
 
 class TokenizerError(ValueError):
     """Tokenizer files that cannot be read (a corrupt tokenizer.model, a tokenizer_config.json that is not
     JSON): the message names the file."""
-
-
-def _varint(buf, i):
-    """The varint at buf[i] and the position after it. At most 10 bytes (a 64-bit value), as protobuf allows:
-    a run of 0xFF bytes is an error at once, not an ever longer integer (which took quadratic time)."""
-    out = 0
-    for k in range(10):
-        if i + k >= len(buf):
-            raise TokenizerError("truncated varint")
-        b = buf[i + k]
-        out |= (b & 0x7F) << (7 * k)
-        if b < 0x80:
-            return out, i + k + 1
-    raise TokenizerError("varint longer than 10 bytes")
-
-
-def _encode_varint(n):
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _fields(buf):
-    """(field number, wire type, field start, field end, payload start) for each field of a message."""
-    i = 0
-    while i < len(buf):
-        start = i
-        tag, i = _varint(buf, i)
-        num, wt = tag >> 3, tag & 7
-        if wt == 0:
-            payload, i = i, _varint(buf, i)[1]
-        elif wt == 2:
-            n, payload = _varint(buf, i)
-            i = payload + n
-        elif wt in (1, 5):
-            payload, i = i, i + (8 if wt == 1 else 4)
-        else:
-            raise TokenizerError(f"unsupported protobuf wire type {wt} at byte {start}")
-        if i > len(buf):
-            raise TokenizerError(f"a field at byte {start} runs past the end of the data")
-        yield num, wt, start, i, payload
-
-
-def _set_bool(msg, field, value):
-    """The message with every occurrence of varint `field` dropped and `field = value` appended."""
-    kept = b"".join(msg[s:e] for num, _, s, e, _ in _fields(msg) if num != field)
-    return kept + _encode_varint(field << 3) + bytes([int(value)])
-
-
-def _edit_message(msg, field, edit):
-    """The message with the sub-message `field` replaced by edit(sub-message)."""
-    out, seen = bytearray(), False
-    for num, wt, s, e, payload in _fields(msg):
-        if num == field and wt == 2:
-            sub = edit(msg[payload:e])
-            out += _encode_varint(field << 3 | 2) + _encode_varint(len(sub)) + sub
-            seen = True
-        else:
-            out += msg[s:e]
-    if not seen:
-        sub = edit(b"")
-        out += _encode_varint(field << 3 | 2) + _encode_varint(len(sub)) + sub
-    return bytes(out)
-
-
-# field numbers from sentencepiece_model.proto
-TRAINER_SPEC, NORMALIZER_SPEC, SPLIT_BY_WHITESPACE, ADD_DUMMY_PREFIX = 2, 3, 22, 3
-
-
-def bare_processor(model_bytes):
-    """A SentencePieceProcessor that adds no dummy prefix and runs BPE over whole pieces of text.
-
-    The edit walks the top-level fields once (linear time, every length checked against the data); bytes
-    that are not a SentencePiece model are a TokenizerError, never an IndexError or a crash.
-    """
-    try:
-        proto = _edit_message(model_bytes, NORMALIZER_SPEC, lambda m: _set_bool(m, ADD_DUMMY_PREFIX, False))
-        proto = _edit_message(proto, TRAINER_SPEC, lambda m: _set_bool(m, SPLIT_BY_WHITESPACE, False))
-        sp = spm.SentencePieceProcessor()
-        sp.LoadFromSerializedProto(proto)
-    except TokenizerError as e:
-        raise TokenizerError(f"not a SentencePiece model ({e})") from None
-    except (RuntimeError, OSError, ValueError) as e:  # what sentencepiece raises for a model it cannot parse
-        raise TokenizerError(f"not a SentencePiece model ({type(e).__name__}: {str(e)[:200]})") from None
-    if sp.get_piece_size() == 0:
-        raise TokenizerError("a SentencePiece model without pieces")
-    return sp
-
-# -----------------------------------------------------------------------------
-# the tokenizer
 
 
 @dataclass
@@ -350,6 +261,24 @@ class Tokenizer:
         _write_json(path / "special_tokens_map.json", specials)
 
 
+def bare_processor(model_bytes):
+    """A SentencePieceProcessor that adds no dummy prefix and runs BPE over whole pieces of text.
+
+    The edit (sentencepiece_proto.py) walks the top-level fields once (linear time, every length checked
+    against the data); bytes that are not a SentencePiece model are a TokenizerError, never a crash.
+    """
+    try:
+        sp = spm.SentencePieceProcessor()
+        sp.LoadFromSerializedProto(bare_model(model_bytes))
+    except ProtobufError as e:
+        raise TokenizerError(f"not a SentencePiece model ({e})") from None
+    except (RuntimeError, OSError, ValueError) as e:  # what sentencepiece raises for a model it cannot parse
+        raise TokenizerError(f"not a SentencePiece model ({type(e).__name__}: {str(e)[:200]})") from None
+    if sp.get_piece_size() == 0:
+        raise TokenizerError("a SentencePiece model without pieces")
+    return sp
+
+
 def _utf8(data):
     try:
         return data.decode("utf-8")
@@ -359,15 +288,7 @@ def _utf8(data):
 
 def _read_json(f):
     """A tokenizer JSON file as a dict ({} when absent); anything else is a TokenizerError naming it."""
-    if not f.is_file():
-        return {}
-    try:
-        d = json.loads(f.read_bytes())
-    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deeply
-        raise TokenizerError(f"{f}: not a valid JSON file ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(d, dict):
-        raise TokenizerError(f"{f}: expected a JSON object, found {type(d).__name__}")
-    return d
+    return read_json(f, TokenizerError) if f.is_file() else {}
 
 
 def _write_json(f, obj):

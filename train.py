@@ -45,6 +45,7 @@ from distributed import all_sum, print0, sync_grads
 import distributed
 from errors import fail
 from model import PRESET_PARTS, STRATEGIES, XGenMM, XGenMMConfig
+from resampler import InstructionAwareResampler
 
 STAGES = ("pretrain", "sft", "interleave", "safety")
 LORA_STAGES = ("safety", "dpo")  # the paper's LoRA stages (dpo.py runs the loop below as stage "dpo")
@@ -232,9 +233,7 @@ def load_model(args, device):
     if m.tokenizer is None:
         raise weights.CheckpointError(f"{args.init}: the checkpoint has no tokenizer files; training needs them")
     if args.instruction_aware and not m.config.resampler.instruction_dim:
-        m.config.resampler.instruction_dim = m.config.text.hidden_size
-        m.vision_tokenizer.instruction = torch.nn.Linear(m.config.text.hidden_size, m.config.resampler.dim,
-                                                         bias=False)
+        m.vision_tokenizer = InstructionAwareResampler.from_resampler(m.vision_tokenizer, m.config.text.hidden_size)
     return m
 
 

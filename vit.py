@@ -27,61 +27,8 @@ import torch.nn.functional as F
 import weights
 from attention import attention
 
-
-@dataclass
-class ViTConfig:
-    image_size: int = 384
-    patch_size: int = 14
-    num_channels: int = 3
-    hidden_size: int = 1152
-    intermediate_size: int = 4304
-    num_hidden_layers: int = 27
-    num_attention_heads: int = 16  # head_dim 72
-    layer_norm_eps: float = 1e-6
-
-    @property
-    def num_patches(self):
-        return (self.image_size // self.patch_size) ** 2
-
-    @classmethod
-    def from_preset(cls, name):
-        if name not in PRESETS:
-            raise ValueError(f"unknown ViT preset {name!r}; choose one of {sorted(PRESETS)}")
-        return PRESETS[name]
-
-    @classmethod
-    def from_hf(cls, d, base=None):
-        """A HF SigLIP vision config dict (or a full SigLIP config, whose `vision_config` is read).
-
-        Fields the dict omits come from `base` (a ViTConfig), by default transformers' SiglipVisionConfig
-        defaults, as transformers would fill them. Unknown fields are ignored. model.py reads an xGen-MM
-        `vision_encoder_config` with base=PRESETS["so400m"] (docs/release.md §2: its SigLIP fields win).
-        """
-        d = d.get("vision_config", d)
-        act = d.get("hidden_act", "gelu_pytorch_tanh")
-        if act != "gelu_pytorch_tanh":
-            raise ValueError(f"SigLIP hidden_act {act!r} is not supported; this ViT implements gelu_pytorch_tanh")
-        base = base or HF_DEFAULTS
-        return cls(**{f.name: d.get(f.name, getattr(base, f.name)) for f in fields(cls)})
-
-
-PRESETS = {
-    "so400m": ViTConfig(),
-    "small": ViTConfig(image_size=224, patch_size=14, hidden_size=384, intermediate_size=1536,
-                       num_hidden_layers=6, num_attention_heads=6),
-    "tiny": ViTConfig(image_size=64, patch_size=8, hidden_size=192, intermediate_size=768,
-                      num_hidden_layers=4, num_attention_heads=3),
-    # the toy world's: 96-pixel views of 3x3 patches, one per cell of its scenes (toy/scenes.py)
-    "toy": ViTConfig(image_size=96, patch_size=32, hidden_size=192, intermediate_size=768,
-                     num_hidden_layers=4, num_attention_heads=3),
-}
-# transformers SiglipVisionConfig defaults (siglip-base-patch16-224), used only for fields a config.json omits
-HF_DEFAULTS = ViTConfig(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
-                        num_hidden_layers=12, num_attention_heads=12)
-
-
 # -----------------------------------------------------------------------------
-# model: attention -> MLP -> encoder layer -> ViT
+# building blocks: attention -> MLP -> encoder layer
 
 class Attention(nn.Module):
     """Bidirectional multi-head self-attention over the patch tokens (no mask: every image is full size)."""
@@ -121,6 +68,44 @@ class EncoderLayer(nn.Module):
     def forward(self, x):  # (N, P, D)
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 384
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16  # head_dim 72
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def num_patches(self):
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_hf(cls, d, base=None):  # see "loading" at the end
+        return config_from_hf(d, base)
+
+
+PRESETS = {
+    "so400m": ViTConfig(),
+    "small": ViTConfig(image_size=224, patch_size=14, hidden_size=384, intermediate_size=1536,
+                       num_hidden_layers=6, num_attention_heads=6),
+    "tiny": ViTConfig(image_size=64, patch_size=8, hidden_size=192, intermediate_size=768,
+                      num_hidden_layers=4, num_attention_heads=3),
+    # the toy world's: 96-pixel views of 3x3 patches, one per cell of its scenes (toy/scenes.py)
+    "toy": ViTConfig(image_size=96, patch_size=32, hidden_size=192, intermediate_size=768,
+                     num_hidden_layers=4, num_attention_heads=3),
+}
+
+# -----------------------------------------------------------------------------
+# the vision tower
 
 
 class ViT(nn.Module):
@@ -178,15 +163,14 @@ class ViT(nn.Module):
         if hf.get("model_type") not in ("siglip", "siglip_vision_model"):
             raise weights.CheckpointError(f"{path}: config.json model_type {hf.get('model_type')!r} is not a "
                                           "SigLIP ('siglip' or 'siglip_vision_model')")
-        config = ViTConfig.from_hf(hf)
+        config = config_from_hf(hf)
         ckpt = weights.Checkpoint(path)
         # transformers 4.x saves the vision tower under "vision_model."; a 5.x SiglipVisionModel save drops it
         prefix = "vision_model." if "vision_model.embeddings.patch_embedding.weight" in ckpt else ""
         if hf["model_type"] == "siglip":  # a full SigLIP: its text tower and contrastive logit scale/bias
             ckpt.skip(r"text_model\.|logit_scale$|logit_bias$")
         weights.check_layers(ckpt, prefix + "encoder.layers.", config.num_hidden_layers, "num_hidden_layers")
-        return weights.load_model(ckpt, lambda: cls(config), lambda c, _: convert_checkpoint(c, prefix, config),
-                                  dtype, device)
+        return weights.load_model(ckpt, lambda: cls(config), convert_checkpoint, dtype, device, prefix)
 
     def official_state_dict(self):
         """Our weights in HF SiglipVisionTransformer names (q, k, v split again), without a prefix."""
@@ -199,16 +183,34 @@ class ViT(nn.Module):
                 out[name] = t
         return out
 
-
 # -----------------------------------------------------------------------------
-# loading
+# loading: config.json and the checkpoint's names
 
-def convert_checkpoint(ckpt, prefix, config):
-    """Every vision-tower tensor under `prefix` in HF SigLIP names -> our state dict (shapes checked)."""
-    with torch.device("meta"):
-        expected = ViT(config).state_dict()
+# transformers SiglipVisionConfig defaults (siglip-base-patch16-224), used only for fields a config.json omits
+HF_DEFAULTS = ViTConfig(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
+                        num_hidden_layers=12, num_attention_heads=12)
+
+
+def config_from_hf(d, base=None):
+    """A HF SigLIP vision config dict (or a full SigLIP config, whose `vision_config` is read).
+
+    Fields the dict omits come from `base` (a ViTConfig), by default transformers' SiglipVisionConfig
+    defaults, as transformers would fill them. Unknown fields are ignored. model.py reads an xGen-MM
+    `vision_encoder_config` with base=PRESETS["so400m"] (docs/release.md §2: its SigLIP fields win).
+    """
+    d = d.get("vision_config", d)
+    act = d.get("hidden_act", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise ValueError(f"SigLIP hidden_act {act!r} is not supported; this ViT implements gelu_pytorch_tanh")
+    base = base or HF_DEFAULTS
+    return ViTConfig(**{f.name: d.get(f.name, getattr(base, f.name)) for f in fields(ViTConfig)})
+
+
+def convert_checkpoint(ckpt, module, prefix=""):
+    """Every tensor of the vision tower `module` (built on the meta device) from its HF SigLIP name under
+    `prefix` -> our state dict (shapes checked)."""
     state = {}
-    for name, t in expected.items():
+    for name, t in module.state_dict().items():
         if ".qkv_proj." in name:  # the checkpoint has q_proj, k_proj, v_proj: stack them along the output dim
             part_shape = (t.shape[0] // 3, *t.shape[1:])
             parts = [ckpt.take(prefix + name.replace("qkv_proj", f"{w}_proj"), part_shape) for w in "qkv"]

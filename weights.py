@@ -77,15 +77,15 @@ def read_config(path, name="config.json"):
     return read_json(f)
 
 
-def read_json(f):
+def read_json(f, error=CheckpointError):
     """A JSON object from a checkpoint's file; anything else (not JSON, not UTF-8, nested too deeply, not an
-    object) is a CheckpointError naming the file."""
+    object) is an `error` naming the file (tokenizer.py's files raise its TokenizerError)."""
     try:
         d = json.loads(Path(f).read_bytes())
     except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{f}: not a valid JSON file ({type(e).__name__}: {str(e)[:200]})") from None
+        raise error(f"{f}: not a valid JSON file ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(d, dict):
-        raise CheckpointError(f"{f}: expected a JSON object, found {type(d).__name__}")
+        raise error(f"{f}: expected a JSON object, found {type(d).__name__}")
     return d
 
 
@@ -191,14 +191,15 @@ def check_layers(ckpt, prefix, n, field):
                               f"under {prefix}")
 
 
-def load_model(ckpt, build, convert, dtype=None, device=None, prefix=""):
+def load_model(ckpt, build, convert, dtype=None, device=None, prefix="", scope=""):
     """Every loader's skeleton: build the module on the meta device (no memory, no initialisation), convert the
-    checkpoint's tensors into its state dict (`convert(ckpt, module)`, names and shapes checked), refuse any
-    tensor under `prefix` that nobody took, and assign the tensors as the module's parameters."""
+    checkpoint's tensors under `prefix` into its state dict (`convert(ckpt, module, prefix)`, the one converter
+    signature: names and shapes checked), refuse any tensor under `scope` that nobody took ('' = every tensor
+    of the checkpoint), and assign the tensors as the module's parameters."""
     with torch.device("meta"):
         module = build()
-    state = convert(ckpt, module)
-    ckpt.finish(prefix)
+    state = convert(ckpt, module, prefix)
+    ckpt.finish(scope)
     return assign(module, state, resolve_dtype(dtype), device).eval()
 
 

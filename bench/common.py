@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 import model
+import release
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: the working directory of every fresh process
 CPU = torch.device("cpu")
@@ -140,7 +141,7 @@ def xgenmm_pair(preset, tmp):
     pre = "vision_model." if "vision_model.post_layernorm.weight" in siglip.state_dict() else ""  # transformers 4.x
     siglip.load_state_dict({pre + k: v for k, v in part("vlm.vision_encoder.").items()})
     lm = transformers.Phi3ForCausalLM(transformers.Phi3Config.from_dict(cfg.text.to_hf()))
-    lm_sd, main = part(model.LM), lm.state_dict().keys()
+    lm_sd, main = part(release.LM), lm.state_dict().keys()
     lm.load_state_dict({k: lm_sd[k] for k in main})  # HF's lm_head has no bias: it and the decoupled rows go in extra
     extra = {k: v for k, v in lm_sd.items() if k not in main}
     ref = XGenMMReference(siglip.eval(), part("vlm.vision_tokenizer."), cfg.resampler, lm.eval(), extra,

@@ -1,4 +1,5 @@
 """model.py: end-to-end parity with a transformers-composed xGen-MM, any-resolution tiling, loading and saving."""
+import functools
 import json
 import os
 
@@ -11,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import model
 import phi3
+import resampler
 import weights
 from images import Images, group_features, preprocess, select_grid, unpad_mask
 from tokenizer import XGENMM_TOKENS, Tokenizer, chat_prompt, extend_tokenizer
@@ -433,18 +435,20 @@ def test_instruction_aware_resampler_reads_the_users_words_only(released, tmp_pa
     ref, m, d = released
     tok = m.tokenizer
     m2 = model.XGenMM.from_pretrained(d)
-    m2.config.resampler.instruction_dim = m2.config.text.hidden_size
-    m2.vision_tokenizer.instruction = torch.nn.Linear(m2.config.text.hidden_size, m2.config.resampler.dim, bias=False)
+    m2.vision_tokenizer = resampler.InstructionAwareResampler.from_resampler(m2.vision_tokenizer,
+                                                                          m2.config.text.hidden_size)
+    find = functools.partial(m2.vision_tokenizer.instructions, image_id=m2.config.image_token_id,
+                             stop_ids=m2.stop_ids)
     chat = chat_prompt(["Image 1: <image>\nImage 2: <image>\nwhich is red?"]) + "the first<|end|>\n"
     sizes = [(40, 40), (30, 60)]
     tokens = [m2.config.image_tokens(size) for size in sizes]
     ids = torch.tensor(m2.config.expand_images(tok.encode(chat), sizes))
-    spans = m2.instructions(torch.arange(len(ids))[:, None].float(), ids, tokens)  # "embeddings" = positions
+    spans = find(torch.arange(len(ids))[:, None].float(), ids, tokens)  # "embeddings" = positions
     words = [tok.decode(ids[s[:, 0].long()].tolist()) for s in spans]
     assert words == ["\nwhich is red?", "\nwhich is red?"]
     doc = torch.tensor(m2.config.expand_images(tok.encode("<image>Q: which is red? A: the first<|endofchunk|>"),
                                                 sizes[:1]))
-    assert [len(s) for s in m2.instructions(torch.zeros(len(doc), 1), doc, tokens[:1])] == [0]
+    assert [len(s) for s in find(torch.zeros(len(doc), 1), doc, tokens[:1])] == [0]
     prompts, images = batch(tok)
     prompts[0] = tok.encode(chat_prompt(["<image>\nwhat is this?"]))
     with torch.no_grad():

@@ -104,10 +104,11 @@ def test_xgenmm_prefix(tmp_path):
     x, mask = inputs()
     loaded = resampler.PerceiverResampler.from_pretrained(path, prefix=prefix)
     ckpt = weights.Checkpoint(path)  # the way model.py loads it
-    state = resampler.convert_checkpoint(ckpt, prefix, CFG)
-    ckpt.finish(prefix)
     with torch.device("meta"):
-        converted = weights.assign(resampler.PerceiverResampler(CFG), state).eval()
+        empty = resampler.PerceiverResampler(CFG)
+    state = resampler.convert_checkpoint(ckpt, empty, prefix)
+    ckpt.finish(prefix)
+    converted = weights.assign(empty, state).eval()
     with torch.no_grad():
         assert max_diff(loaded(x, mask), model(x, mask)) == 0
         assert max_diff(converted(x, mask), model(x, mask)) == 0
@@ -146,9 +147,9 @@ def test_gradients_reach_latents_and_every_weight():
 
 def test_config_from_hf_and_presets():
     released = {"vis_feature_dim": 1152, "lang_embedding_dim": 3072, "num_vis_tokens": 128}
-    assert resampler.ResamplerConfig.from_hf(released) == resampler.ResamplerConfig.from_preset("xgenmm")
+    assert resampler.ResamplerConfig.from_hf(released) == resampler.PRESETS["xgenmm"]
     assert resampler.ResamplerConfig.from_hf(XGENMM_CONFIG["vision_tokenizer_config"]) == CFG
-    model = resampler.PerceiverResampler(resampler.ResamplerConfig.from_preset("tiny"))
+    model = resampler.PerceiverResampler(resampler.PRESETS["tiny"])
     assert model(torch.randn(2, 5, 192)).shape == (2, 16, 256)
 
 
@@ -163,7 +164,8 @@ def test_instruction_aware_variant():
     and the config round-trips through config.json."""
     torch.manual_seed(0)
     cfg = replace(resampler.PRESETS["tiny"], instruction_dim=24)
-    r = resampler.PerceiverResampler(cfg)
+    r = resampler.build(cfg)
+    assert isinstance(r, resampler.InstructionAwareResampler)
     assert "instruction.weight" not in resampler.PerceiverResampler(resampler.PRESETS["tiny"]).state_dict()
     x, text = torch.randn(2, 10, cfg.dim), torch.randn(2, 5, 24)
     plain = r(x)

@@ -7,6 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import vit
 import weights
+from model import preset
 from reference import perturb
 
 transformers = pytest.importorskip("transformers")  # the numerical reference
@@ -96,10 +97,10 @@ def test_convert_checkpoint_under_xgenmm_prefix(saved, tmp_path):
     save_file(sd, f)
     config = vit.ViTConfig(**TINY)
     ckpt = weights.Checkpoint(f)
-    state = vit.convert_checkpoint(ckpt, "vlm.vision_encoder.", config)
-    ckpt.finish("vlm.vision_encoder.")
     with torch.device("meta"):
         model = vit.ViT(config)
+    state = vit.convert_checkpoint(ckpt, model, "vlm.vision_encoder.")
+    ckpt.finish("vlm.vision_encoder.")
     assert_features_match(weights.assign(model, state).eval(), hf)
 
 
@@ -169,7 +170,7 @@ def test_bf16_loading(saved):
 
 
 def test_config_from_hf_and_presets():
-    so400m = vit.ViTConfig.from_preset("so400m")
+    so400m = vit.PRESETS["so400m"]
     assert so400m.num_patches == 729 and so400m.hidden_size // so400m.num_attention_heads == 72
     # google/siglip-so400m-patch14-384's config.json lists the dims and leaves the rest to defaults
     hub = {"model_type": "siglip", "vision_config": {"hidden_size": 1152, "image_size": 384, "intermediate_size": 4304,
@@ -180,11 +181,11 @@ def test_config_from_hf_and_presets():
     assert vit.ViTConfig.from_hf(xgenmm, base=so400m) == vit.ViTConfig(num_hidden_layers=2)
     with pytest.raises(ValueError, match="gelu_pytorch_tanh"):
         vit.ViTConfig.from_hf({**TINY, "hidden_act": "relu"})
-    with pytest.raises(ValueError, match="unknown ViT preset"):
-        vit.ViTConfig.from_preset("huge")
+    with pytest.raises(ValueError, match="unknown preset"):  # presets are chosen by name in model.preset
+        preset("huge")
 
 
 def test_meta_construction_has_no_buffers():
     with torch.device("meta"):
-        model = vit.ViT(vit.ViTConfig.from_preset("tiny"))
+        model = vit.ViT(vit.PRESETS["tiny"])
     assert list(model.buffers()) == []
