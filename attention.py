@@ -28,7 +28,7 @@ References: FlashAttention (arXiv 2205.14135) §3.1; FlashAttention-2 (arXiv 230
 Online normalizer calculation for softmax (arXiv 1805.02867); Triton's fused-attention tutorial.
 """
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ class Mask:
     key_keep: torch.Tensor | None = None   # (B, Tk) bool: False hides a key (any pattern)
     q_pos: torch.Tensor | None = None      # (Tq,) long: the queries' slots among the keys; None = 0..Tq-1
     right_only: bool = False               # from_padding: every row starts at key 0 (padding on the right only)
+    sdpa_keys: tuple | None = field(default=None, init=False, repr=False, compare=False)  # sdpa()'s, per Tk
 
     def __post_init__(self):
         if self.window is not None and not self.causal:
@@ -173,15 +174,17 @@ def sdpa(q, k, v, mask, scale=None, dropout_p=0.0, chunk=None):
     queries over the keys that chunk can reach. Only decoding (q_pos) gets one (B, 1, Tq, slots) mask."""
     Tq, Tk = q.shape[2], k.shape[2]
 
-    def run(q, k, v, ok, causal=False):
-        seen = None if ok is None else ok.any(-1, keepdim=True)  # rows with a visible key (B, 1, Tq, 1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if ok is None else ok | ~seen, dropout_p=dropout_p,
-                                           is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-        return y if ok is None else y * seen  # a row with no key: 0 on every backend (some give NaN)
+    def run(q, k, v, allowed, seen, causal=False):
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=causal,
+                                           scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        return y if seen is None else y * seen  # a row with no key: 0 on every backend (some give NaN)
     if not mask.per_query(Tq):
-        return run(q, k, v, key_only(mask, Tk, q.device), mask.causal)
+        if mask.sdpa_keys is None or mask.sdpa_keys[0] != Tk:  # once per forward, not once per layer
+            mask.sdpa_keys = (Tk, *sdpa_mask(key_only(mask, Tk, q.device)))
+        return run(q, k, v, *mask.sdpa_keys[1:], mask.causal)
     if mask.q_pos is not None:
-        return run(q, k, v, visible(mask, torch.arange(Tq, device=q.device), torch.arange(Tk, device=q.device)))
+        ok = visible(mask, torch.arange(Tq, device=q.device), torch.arange(Tk, device=q.device))
+        return run(q, k, v, *sdpa_mask(ok))
     out = []
     for i0, i1, keys in blocks(mask, Tq, Tk, chunk or CHUNK):
         if not keys:  # no query of the chunk sees a key (a chunk of left padding)
@@ -189,8 +192,17 @@ def sdpa(q, k, v, mask, scale=None, dropout_p=0.0, chunk=None):
             continue
         lo, hi = keys[0][0], keys[-1][1]
         ok = visible(mask, torch.arange(i0, i1, device=q.device), torch.arange(lo, hi, device=q.device))
-        out.append(run(q[:, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi], ok))
+        out.append(run(q[:, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi], *sdpa_mask(ok)))
     return torch.cat(out, 2)
+
+
+def sdpa_mask(ok):
+    """A visibility mask `ok` (None: all) -> (what SDPA is given, the rows that see some key (B, 1, Tq, 1)): a
+    row that sees no key is given every key, then zeroed, since backends differ there (some give NaN)."""
+    if ok is None:
+        return None, None
+    seen = ok.any(-1, keepdim=True)
+    return ok | ~seen, seen
 
 
 def triton_ready():

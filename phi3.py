@@ -58,21 +58,25 @@ def rope_inv_freq(cfg, long=False):
 
 
 def rope_cos_sin(cfg, pos, dtype, inv_freq, long_freq, scale):
-    """cos, sin of shape (B, T, head_dim) for integer positions (B, T)."""
+    """cos, sin of shape (B, 1, T, head_dim) for integer positions (B, T): once per forward, for every layer's
+    heads to broadcast over."""
     if long_freq is not None:
         # reference rule: the long factors apply to the whole call once max(position)+1 passes the original length
         inv_freq = torch.where(pos.max() + 1 > cfg.original_max_position_embeddings, long_freq, inv_freq)
-    freqs = pos[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    freqs = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:  # LongRoPE's scale; 1 otherwise, where multiplying would change nothing
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, n_heads, T, head_dim); cos/sin: (B, T, head_dim). Rotate-half layout. The result keeps x's dtype:
-    under autocast x is bf16 while fp32 weights give fp32 cos/sin, and q, k must stay in v's dtype."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """x: (B, n_heads, T, head_dim); cos/sin: (B, 1, T, head_dim). Rotate-half layout. The result keeps x's
+    dtype: under autocast x is bf16 while fp32 weights give fp32 cos/sin, and q, k must stay in v's dtype."""
     x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+    y = x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -86,7 +90,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # in fp32 whatever the activation dtype, then back, as the reference does
+        # in fp32 whatever the activation dtype, then back, as the reference does (no casts when already fp32:
+        # a cast to its own dtype is a no-op that still costs a dispatch, and decoding is dispatch-bound)
+        if x.dtype == torch.float32:
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
