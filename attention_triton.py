@@ -7,9 +7,11 @@ attention.py's third path: FlashAttention-2 as a Triton kernel, forward and back
 - Backward (FlashAttention-2 §3.2): delta = rowsum(dO * O) in PyTorch, then two kernels that recompute
   P = exp(S - lse) tile by tile: one per key block accumulates dK and dV (over the G query heads that share
   the key/value head, so no atomics), one per query block accumulates dQ.
-- The mask is never stored: each tile tests causal (j <= i), the window (i - window < j), the row's key
-  range [key_start, key_end) and, if given, the key-keep vector. Loop bounds skip the key blocks that
-  causality, the window or the range hide entirely.
+- The mask is never stored: a tile tests causal (j <= i), the window (i - window < j), the row's key range
+  [key_start, key_end) and, if given, the key-keep vector. Loop bounds skip the tiles that causality, the
+  window or the range hide entirely, and split the rest as FlashAttention-2 does: the tiles the mask shows
+  whole run without it, only those on its edges (the diagonal, the window's edge, the range's ends, every
+  tile under a key-keep vector) test it.
 - exp2 with log2(e) folded into the scale; the log-sum-exp is kept in that base. A row that sees no key
   gets O = 0 and lse = +inf, so its P is 0 in backward.
 - fp32 inputs multiply in IEEE fp32 (exact, for the tests); bf16/fp16 use the tensor cores.
@@ -59,15 +61,54 @@ def visible(i, j, kstart, kend, keep_ptr, window, Tq,
 
 
 @triton.jit
+def whole(lo, hi, first, end, BLOCK: tl.constexpr):
+    """(a, b), lo <= a <= b <= hi: the tiles of `range(lo, hi, BLOCK)` (lo a multiple of BLOCK) that lie inside
+    [first, end), where the mask shows every pair. Those run without it and only the tiles before a and from b
+    on test it, as FlashAttention-2 (§3.1.1) masks only the blocks on the causal diagonal: a block of queries
+    meets one of those and up to T / BLOCK - 1 whole ones."""
+    a = tl.minimum(tl.maximum((first + BLOCK - 1) // BLOCK * BLOCK, lo), hi)
+    return a, tl.maximum(tl.minimum(end, hi) // BLOCK * BLOCK, a)
+
+
+@triton.jit
 def key_blocks(m0, kstart, kend, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """[lo, hi) of the keys that queries m0 .. m0 + BLOCK_M - 1 can see, lo a multiple of BLOCK_N."""
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KEEP: tl.constexpr):
+    """(lo, a, b, hi): the keys lo .. hi that queries m0 .. m0 + BLOCK_M - 1 can reach, lo a multiple of BLOCK_N,
+    and the tiles a .. b that every one of them sees whole."""
     lo, hi = kstart, kend
+    first, end = kstart, kend
     if CAUSAL:
         hi = tl.minimum(hi, m0 + BLOCK_M)
+        end = tl.minimum(end, m0 + 1)  # keys at or before the first query
     if WINDOW:
         lo = tl.maximum(lo, m0 - window + 1)
-    return (lo // BLOCK_N) * BLOCK_N, hi
+        first = tl.maximum(first, m0 + BLOCK_M - window)  # keys inside the last query's window
+    if HAS_KEEP:
+        end = first  # the key-keep vector may hide any key: every tile tests it
+    lo = (lo // BLOCK_N) * BLOCK_N
+    a, b = whole(lo, hi, first, end, BLOCK_N)
+    return lo, a, b, hi
+
+
+@triton.jit
+def query_blocks(n0, kstart, kend, window, Tq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KEEP: tl.constexpr):
+    """(lo, a, b, hi): the queries lo .. hi that can see keys n0 .. n0 + BLOCK_N - 1, and the tiles a .. b that
+    see all of them."""
+    lo, hi = 0, Tq
+    first, end = 0, Tq
+    if CAUSAL:
+        lo = (n0 // BLOCK_M) * BLOCK_M
+        first = n0 + BLOCK_N - 1  # queries at or after the last key
+    if WINDOW:
+        hi = tl.minimum(hi, n0 + BLOCK_N - 1 + window)
+        end = n0 + window  # queries whose window holds the first key
+    hi = tl.where((n0 >= kend) | (n0 + BLOCK_N <= kstart), lo, hi)  # a block of padding: nothing to do
+    if HAS_KEEP:
+        end = first  # every tile tests the key-keep vector
+    end = tl.where((kstart <= n0) & (n0 + BLOCK_N <= kend), end, first)  # keys across the row's range edge: too
+    a, b = whole(lo, hi, first, end, BLOCK_M)
+    return lo, a, b, hi
 
 
 @triton.jit
@@ -111,20 +152,23 @@ def forward_kernel(Q, K, V, O, LSE, KS, KE, KEEP, qk_scale, window, sq_b, sq_h, 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (base 2)
     l = tl.zeros([BLOCK_M], tl.float32)                 # running sum of exp2(s - m)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)      # running P @ V
-    lo, hi = key_blocks(pid * BLOCK_M, kstart, kend, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
-    for n0 in range(lo, hi, BLOCK_N):
-        j = n0 + tl.arange(0, BLOCK_N)
-        k = load_tile(K + b * sk_b + hk * sk_h, j, Tk, sk_t, d, D)  # (BLOCK_N, BLOCK_D)
-        v = load_tile(V + b * sv_b + hk * sv_h, j, Tk, sv_t, d, D)
-        s = dot(q, tl.trans(k), DOT) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        s = tl.where(visible(i, j, kstart, kend, KEEP + b * Tk, window, Tq, CAUSAL, WINDOW, HAS_KEEP), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: keep exp2 finite
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m - m_safe)  # rescales what was summed under the old max
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT)
-        m = m_new
+    edges = key_blocks(pid * BLOCK_M, kstart, kend, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, HAS_KEEP)
+    for part in tl.static_range(3):  # edge tiles (masked), whole tiles (no mask), edge tiles (masked)
+        for n0 in range(edges[part], edges[part + 1], BLOCK_N):
+            j = n0 + tl.arange(0, BLOCK_N)
+            k = load_tile(K + b * sk_b + hk * sk_h, j, Tk, sk_t, d, D)  # (BLOCK_N, BLOCK_D)
+            v = load_tile(V + b * sv_b + hk * sv_h, j, Tk, sv_t, d, D)
+            s = dot(q, tl.trans(k), DOT) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            if part != 1:
+                ok = visible(i, j, kstart, kend, KEEP + b * Tk, window, Tq, CAUSAL, WINDOW, HAS_KEEP)
+                s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: keep exp2 finite
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m - m_safe)  # rescales what was summed under the old max
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT)
+            m = m_new
     seen = l > 0
     o = acc / tl.where(seen, l, 1.0)[:, None]
     store_tile(O + bh * Tq * D, o.to(O.dtype.element_ty), i, Tq, D, d, D)
@@ -150,27 +194,25 @@ def backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KS, KE, KEEP, qk_scale
     kstart, kend = tl.load(KS + b), tl.load(KE + b)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo, hi = 0, Tq  # the queries that can see keys n0 .. n0 + BLOCK_N - 1
-    if CAUSAL:
-        lo = (n0 // BLOCK_M) * BLOCK_M
-    if WINDOW:
-        hi = tl.minimum(hi, n0 + BLOCK_N - 1 + window)
-    hi = tl.where((n0 >= kend) | (n0 + BLOCK_N <= kstart), lo, hi)  # a block of padding: nothing to do
+    edges = query_blocks(n0, kstart, kend, window, Tq, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, HAS_KEEP)
     for g in range(0, G):  # every query head that reads this key/value head
         h = hk * G + g
-        for m0 in range(lo, hi, BLOCK_M):
-            i = m0 + tl.arange(0, BLOCK_M)
-            q = load_tile(Q + b * sq_b + h * sq_h, i, Tq, sq_t, d, D)  # (BLOCK_M, BLOCK_D)
-            do = load_tile(DO + (b * H + h) * Tq * D, i, Tq, D, d, D)
-            lse = tl.load(LSE + (b * H + h) * Tq + i, mask=i < Tq, other=float("inf"))
-            delta = tl.load(DELTA + (b * H + h) * Tq + i, mask=i < Tq, other=0.0)
-            s = dot(q, tl.trans(k), DOT) * qk_scale
-            ok = visible(i, j, kstart, kend, KEEP + b * Tk, window, Tq, CAUSAL, WINDOW, HAS_KEEP)
-            p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # P, recomputed: (BLOCK_M, BLOCK_N)
-            dv += dot(tl.trans(p).to(do.dtype), do, DOT)
-            dp = dot(do, tl.trans(v), DOT)
-            ds = p * (dp - delta[:, None])  # dS = P * (dP - rowsum(dO * O))
-            dk += dot(tl.trans(ds).to(q.dtype), q, DOT)
+        for part in tl.static_range(3):  # edge tiles (masked), whole tiles (no mask), edge tiles (masked)
+            for m0 in range(edges[part], edges[part + 1], BLOCK_M):
+                i = m0 + tl.arange(0, BLOCK_M)
+                q = load_tile(Q + b * sq_b + h * sq_h, i, Tq, sq_t, d, D)  # (BLOCK_M, BLOCK_D)
+                do = load_tile(DO + (b * H + h) * Tq * D, i, Tq, D, d, D)
+                lse = tl.load(LSE + (b * H + h) * Tq + i, mask=i < Tq, other=float("inf"))
+                delta = tl.load(DELTA + (b * H + h) * Tq + i, mask=i < Tq, other=0.0)
+                s = dot(q, tl.trans(k), DOT) * qk_scale
+                p = tl.math.exp2(s - lse[:, None])  # P, recomputed: (BLOCK_M, BLOCK_N)
+                if part != 1:
+                    p = tl.where(visible(i, j, kstart, kend, KEEP + b * Tk, window, Tq, CAUSAL, WINDOW, HAS_KEEP),
+                                 p, 0.0)
+                dv += dot(tl.trans(p).to(do.dtype), do, DOT)
+                dp = dot(do, tl.trans(v), DOT)
+                ds = p * (dp - delta[:, None])  # dS = P * (dP - rowsum(dO * O))
+                dk += dot(tl.trans(ds).to(q.dtype), q, DOT)
     store_tile(DK + bhk * Tk * D, (dk * scale).to(DK.dtype.element_ty), j, Tk, D, d, D)
     store_tile(DV + bhk * Tk * D, dv.to(DV.dtype.element_ty), j, Tk, D, d, D)
 
@@ -192,17 +234,19 @@ def backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KS, KE, KEEP, qk_scale, scal
     delta = tl.load(DELTA + bh * Tq + i, mask=i < Tq, other=0.0)
     kstart, kend = tl.load(KS + b), tl.load(KE + b)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = key_blocks(pid * BLOCK_M, kstart, kend, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
-    for n0 in range(lo, hi, BLOCK_N):
-        j = n0 + tl.arange(0, BLOCK_N)
-        k = load_tile(K + b * sk_b + hk * sk_h, j, Tk, sk_t, d, D)
-        v = load_tile(V + b * sv_b + hk * sv_h, j, Tk, sv_t, d, D)
-        s = dot(q, tl.trans(k), DOT) * qk_scale
-        ok = visible(i, j, kstart, kend, KEEP + b * Tk, window, Tq, CAUSAL, WINDOW, HAS_KEEP)
-        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = dot(do, tl.trans(v), DOT)
-        ds = p * (dp - delta[:, None])
-        dq += dot(ds.to(k.dtype), k, DOT)
+    edges = key_blocks(pid * BLOCK_M, kstart, kend, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, HAS_KEEP)
+    for part in tl.static_range(3):  # edge tiles (masked), whole tiles (no mask), edge tiles (masked)
+        for n0 in range(edges[part], edges[part + 1], BLOCK_N):
+            j = n0 + tl.arange(0, BLOCK_N)
+            k = load_tile(K + b * sk_b + hk * sk_h, j, Tk, sk_t, d, D)
+            v = load_tile(V + b * sv_b + hk * sv_h, j, Tk, sv_t, d, D)
+            s = dot(q, tl.trans(k), DOT) * qk_scale
+            p = tl.math.exp2(s - lse[:, None])
+            if part != 1:
+                p = tl.where(visible(i, j, kstart, kend, KEEP + b * Tk, window, Tq, CAUSAL, WINDOW, HAS_KEEP), p, 0.0)
+            dp = dot(do, tl.trans(v), DOT)
+            ds = p * (dp - delta[:, None])
+            dq += dot(ds.to(k.dtype), k, DOT)
     store_tile(DQ + bh * Tq * D, (dq * scale).to(DQ.dtype.element_ty), i, Tq, D, d, D)
 
 # -----------------------------------------------------------------------------

@@ -58,9 +58,9 @@ def run(path, mask, qkv, grad_out):
     return (out.detach(), *torch.autograd.grad(out, qkv, grad_out))
 
 
-def errors(case, path, device="cpu"):
+def errors(case, path, device="cpu", cases=CASES):
     """(max |output - reference|, max relative gradient error over q, k, v)."""
-    mask, kv_heads, Tq, Tk = CASES[case]
+    mask, kv_heads, Tq, Tk = cases[case]
     mask = on(mask, device)
     qkv, grad_out = inputs(kv_heads, Tq, Tk, device=device)
     ref = run("reference", mask, qkv, grad_out)
@@ -88,6 +88,40 @@ def test_pytorch_paths_equal_the_reference(case, path, small_tiles):
 def test_triton_kernel_equals_the_reference(case):
     pytest.importorskip("triton")
     out_err, grad_err = errors(case, "triton", KERNEL_DEVICE)
+    assert out_err <= 1e-5 and grad_err <= 1e-4
+
+
+# The kernel runs the tiles the mask shows whole without it and the tiles on its edges with it. Each case below
+# has both: 4 x 4 tiles of TILE, the interpreter's tile (on a GPU, the largest the autotuner tries).
+TILE = 16 if KERNEL_DEVICE == "cpu" else 128
+N = 4 * TILE
+KEEP = torch.ones(B, N, dtype=torch.bool)
+KEEP[0, TILE + 3] = KEEP[1, 5] = False
+TILE_CASES = {
+    "causal": (Mask(causal=True), H, N, N),
+    "window": (Mask(causal=True, window=5 * TILE // 2), H, N, N),  # wider than two tiles: a whole one fits
+    "left padding": (Mask(causal=True, **lengths([0, TILE + 5], [N, N])), H, N, N),
+    "right padding": (Mask(causal=True, **lengths([0, 0], [N, 2 * TILE + 13])), 2, N, N),
+    "key keep": (Mask(causal=True, key_keep=KEEP), H, N, N),
+}
+
+
+def tiles(mask):
+    """(whole, edge): how many TILE x TILE tiles over the batch the mask shows whole, and how many in part."""
+    seen = attention.visible(mask, torch.arange(N), torch.arange(N))[:, 0].expand(B, N, N)
+    seen = seen.reshape(B, 4, TILE, 4, TILE).sum((2, 4))
+    return (seen == TILE ** 2).sum().item(), ((seen > 0) & (seen < TILE ** 2)).sum().item()
+
+
+@pytest.mark.parametrize("case", TILE_CASES)
+def test_triton_kernel_masks_edge_tiles_and_skips_whole_ones(case):
+    pytest.importorskip("triton")
+    mask = TILE_CASES[case][0]
+    whole, edge = tiles(mask)
+    if mask.key_keep is not None:  # the keep vector cuts into tiles the rest shows whole: every tile tests it
+        whole = tiles(replace(mask, key_keep=None))[0] - whole
+    assert whole > 0 and edge > 0
+    out_err, grad_err = errors(case, "triton", KERNEL_DEVICE, TILE_CASES)
     assert out_err <= 1e-5 and grad_err <= 1e-4
 
 
