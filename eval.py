@@ -24,9 +24,11 @@ scored by the plain functions of toy/tasks.py; nothing looks at the model's logi
   interleaved document format, whatever --prompt says: in-context learning is what interleaved pretraining
   is for (paper section 3).
 
-Metrics (fractions in [0, 1], one per test split; toy/tasks.py defines each): caption_f1 and hallucination
-(captions), vqa, counting, ocr, ocr_small (8-pixel text), grounding (IoU >= 0.5), multi_image, refusal_unsafe
-and false_refusal (safety), fewshot_0/4/8 (K in-context examples), arithmetic (text only).
+Metrics (fractions in [0, 1], one per test split; toy/tasks.py defines each): caption_f1 and
+caption_hallucination (captions), vqa, counting, ocr, ocr_small (small text), grounding (IoU >= 0.5),
+multi_image, pope and hallucination (absent shapes affirmed), refusal_unsafe and false_refusal (safety),
+fewshot_0/4/8 (K in-context examples), arithmetic (text only). --json also writes each figure's 95% interval
+and its number of items.
 """
 import argparse
 import json
@@ -50,6 +52,12 @@ from toy import tasks
 def evaluate(m, data, splits=tasks.SPLITS, style="chat", system=DEFAULT_SYSTEM, limit=None, batch_size=64,
              device="cpu", progress=True, predictions=None):
     """metric -> value for the model on the toy world at `data` (the folder holding test/ and the images)."""
+    return tasks.score(answered(m, data, splits, style, system, limit, batch_size, device, progress, predictions))
+
+
+def answered(m, data, splits=tasks.SPLITS, style="chat", system=DEFAULT_SYSTEM, limit=None, batch_size=64,
+             device="cpu", progress=True, predictions=None):
+    """The toy suite's items, answered (and written to `predictions` as JSONL)."""
     items = [it for split in splits
              for it in tasks.items_for(split, tasks.load_split(data, split, limit), style, system)]
     answer(m, items, batch_size, device, progress=progress,  # the test records' image paths stay inside `data`
@@ -60,7 +68,7 @@ def evaluate(m, data, splits=tasks.SPLITS, style="chat", system=DEFAULT_SYSTEM, 
                 f.write(json.dumps({"id": it.record["id"], "metric": it.metric, "prompt": it.prompt,
                                     "images": it.images, "answer": it.answer, "reference": it.record.get("answer"),
                                     "right": tasks.judge(it)}) + "\n")
-    return tasks.score(items)
+    return items
 
 
 def main(argv=None):
@@ -108,8 +116,9 @@ def toy_main(argv):
     except weights.CheckpointError as e:
         fail("eval.py", e)
     try:
-        metrics = evaluate(m, args.data, args.splits, args.prompt, limit=args.limit, batch_size=args.batch_size,
-                           device=args.device, predictions=args.predictions)
+        items = answered(m, args.data, args.splits, args.prompt, limit=args.limit, batch_size=args.batch_size,
+                         device=args.device, predictions=args.predictions)
+        metrics = tasks.score(items)
     except (ValueError, OSError) as e:  # a test split or an image that cannot be read (BadSample names it)
         fail("eval.py", e)
     seconds = round(time.time() - t0, 1)
@@ -117,7 +126,8 @@ def toy_main(argv):
     print(f"{seconds} s, {args.prompt} prompts, {path}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"metrics": metrics, "checkpoint": str(path), "prompt": args.prompt,
+        Path(args.json).write_text(json.dumps({"metrics": metrics, "intervals": tasks.intervals(items),
+                                               "checkpoint": str(path), "prompt": args.prompt,
                                                "seconds": seconds, "limit": args.limit}, indent=1) + "\n")
     return metrics
 

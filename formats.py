@@ -268,18 +268,19 @@ def rating_means(completion):
 
 
 class Preferences(Source):
-    """VLFeedback rows (best vs worst mean rating; ties, unparsable or NaN ratings and scores below `min_score`
-    skipped and counted in `self.counts`) or already-paired JSONL {"image", "prompt", "chosen", "rejected"}.
+    """VLFeedback rows (best vs worst mean rating; ties, unparsable or NaN ratings, a best below `min_score` and a
+    margin below `min_margin` skipped and counted in `self.counts`) or already-paired JSONL {"image", "prompt", "chosen", "rejected"}.
     A row of the wrong shape stays an item and is a BadSample when read, so training counts it."""
 
-    def __init__(self, name, path, base, image_folder=None, limit=None, min_score=None, allow_outside=False):
+    def __init__(self, name, path, base, image_folder=None, limit=None, min_score=None, allow_outside=False,
+                 min_margin=None):
         self.path, self.folder = base / path, Path(image_folder) if image_folder else (base / path).parent
         self.allow_outside = allow_outside
         self.counts, items = Counter(), []
         for n, row in enumerate(read_json_rows(self.path)):
             self.counts["rows"] += 1
             try:
-                pair = row if isinstance(row, BadSample) else self.pair(row, n, min_score)
+                pair = row if isinstance(row, BadSample) else self.pair(row, n, min_score, min_margin)
             except BadSample as e:
                 pair = e
             except UNTRUSTED as e:
@@ -290,7 +291,7 @@ class Preferences(Source):
         self.counts["pairs"] = sum(not isinstance(p, BadSample) for p in items)
         super().__init__(name, items[:limit] if limit else items)
 
-    def pair(self, row, n, min_score):
+    def pair(self, row, n, min_score, min_margin=None):
         if not isinstance(row, dict):
             raise BadSample(f"{self.path}[{n}]", f"a preference row must be a JSON object, not {short(row)}",
                             "bad record")
@@ -314,6 +315,9 @@ class Preferences(Source):
             return None
         if min_score is not None and best[0] < min_score:
             self.counts["below min_score"] += 1
+            return None
+        if min_margin is not None and best[0] - worst[0] < min_margin:
+            self.counts["below min_margin"] += 1
             return None
         return {"image": row.get("img_path"), "prompt": row.get("prompt", ""), "chosen": best[1],
                 "rejected": worst[1], "id": row.get("id", n)}
@@ -409,7 +413,8 @@ def open_source(spec, base, eos):
     if kind in ("llava", "vlguard"):
         return (Llava if kind == "llava" else VLGuard)(name, path, base, folder, spec.get("limit"), outside)
     if kind in ("vlfeedback", "pairs"):
-        return Preferences(name, path, base, folder, spec.get("limit"), spec.get("min_score"), outside)
+        return Preferences(name, path, base, folder, spec.get("limit"), spec.get("min_score"), outside,
+                           spec.get("min_margin"))
     raise DataError(f"source {name!r}: unknown type {kind!r}; use captions, interleaved, llava, vlguard, "
                     "vlfeedback or pairs")
 

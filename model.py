@@ -139,6 +139,10 @@ class XGenMMConfig:
 
 PRESET_PARTS = {"xgenmm": ("so400m", "xgenmm", "phi3-mini-4k"), "small": ("small",) * 3, "tiny": ("tiny",) * 3,
                 "toy": ("toy", "tiny", "tiny")}  # the toy world's: tiny, with 96-pixel views
+# The toy world's anyres_grids, in crops: its scenes are square (one crop, the cells on the patches) or tall
+# signs of small text (a column of crops). The release's grids would pad a square scene into a 1x2 grid,
+# half black, its cells straddling the crops' patches.
+TOY_GRIDS = ((1, 1), (1, 2), (1, 3))
 
 
 def preset(name, strategy="anyres", tokenizer=None):
@@ -162,8 +166,10 @@ def preset(name, strategy="anyres", tokenizer=None):
         end = [tokenizer.token_to_id("<|end|>")] if "<|end|>" in tokenizer.by_content else []
         text.eos_token_id = [tokenizer.eos_id] + end
     initial = tokenizer.token_to_id(XGENMM_TOKENS[0]) if tokenizer is not None else text.output_vocab_size - 3
+    S = vit.PRESETS[v].image_size
+    grids = [[c * S, r * S] for c, r in TOY_GRIDS] if name == "toy" else None
     return XGenMMConfig.from_strategy(strategy, vision=vit.PRESETS[v], resampler=resampler.PRESETS[r], text=text,
-                                      initial_tokenizer_len=initial)
+                                      initial_tokenizer_len=initial, anyres_grids=grids)
 
 # -----------------------------------------------------------------------------
 # the model

@@ -134,8 +134,9 @@ def report(run):
     results = tasks.summarize(run)  # results.json, results.md's first table
     stages = list(results)
     parts = [(s, {k: v for k, v in results[s].items() if k in tasks.VQA_PARTS}) for s in stages]
+    ci = {s: json.loads((run / "eval" / f"{s}.json").read_text()).get("intervals", {}) for s in stages}
     md = [(run / "results.md").read_text().strip(), "", "VQA by kind of question:", "",
-          tasks.table(parts, metrics=tasks.VQA_PARTS), ""]
+          tasks.table(parts, metrics=tasks.VQA_PARTS, ci=ci), ""]
     probes = probes_table(run)
     if probes:
         md += ["Linear probes of the frozen features (held-out scenes, %): the ViT's patches (colour, shape, size, "

@@ -71,7 +71,8 @@ train interleave sft "$INTERLEAVE_STEPS" --lr "$INTERLEAVE_LR"
 evaluate interleave
 
 timed dpo "${PYTHON:-python}" dpo.py --init "$OUT/interleave" --data "$DATA/mixtures/dpo.json" --out-dir "$OUT/dpo" \
-  --max-steps "$DPO_STEPS" --save-every "$DPO_STEPS" --keep 1 --batch-size 4 --lr "$DPO_LR"
+  --max-steps "$DPO_STEPS" --save-every "$DPO_STEPS" --keep 1 --batch-size 4 --lr "$DPO_LR" \
+  --lora-r "$DPO_LORA_R" --lora-alpha "$DPO_LORA_ALPHA"
 evaluate dpo
 
 train safety dpo "$SAFETY_STEPS" --lr "$SAFETY_LR"

@@ -16,6 +16,8 @@ out in the real public data formats.
   sits in a row of a small canvas. Small text sits in a corner of a tall canvas (96x192, 96x288: any-
   resolution tiles it 1x2 or 1x3 at scale 1) in glyphs of 32 pixels: one patch of a crop, but squeezed to
   a half or a third of a patch in one 96-pixel view of the whole image (fixed resolution).
+- Small canvases are square (64 to 128 pixels): scaled to one 96-pixel view (the toy preset's 1x1 grid),
+  each cell is one patch, in the global view and in the crop alike.
 - Everything said about an image (captions, answers, boxes, hallucinated completions) is computed from the
   one `Scene` that drew it, so text and pixels always agree.
 """
@@ -34,7 +36,7 @@ POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom 
 ROWS = ("top", "middle", "bottom")  # where a full-row label sits
 WORDS = ("CAT", "DOG", "SUN", "BOX", "CAR", "HAT", "CUP", "PEN", "BUS", "KEY", "MAP", "EGG",
          "ANT", "BAT", "BEE", "COW", "FOX", "HEN", "OWL", "PIG", "JAM", "TOY", "ZIP", "WEB")  # three letters
-SMALL_CANVASES = ((64, 64), (96, 96), (80, 64), (64, 80), (128, 96))  # aspect <= 4:3: shapes stay shapes
+SMALL_CANVASES = ((64, 64), (80, 80), (96, 96), (128, 128))  # square: the 3x3 cells fall on the 3x3 patches
 LARGE_CANVASES = ((96, 192), (96, 288))  # small text only: grids 1x2, 1x3 of 96-pixel crops at scale 1
 SLOTS = 3        # character slots across a small canvas: the cells, the patches of the global view
 SMALL_SLOT = 32  # canvas pixels per character of small text: one patch of a 96-pixel crop at scale 1
@@ -307,11 +309,7 @@ class Sampler:
             o = self.pick(objs)
             return f"Where is the {o.colour} {o.shape}?", o.position
         if task == "existence":
-            present = {(o.colour, o.shape) for o in objs}
-            absent = [(c, sh) for sh in SHAPES for c in COLOURS if (c, sh) not in present]
-            yes = self.chance(0.5)
-            c, sh = self.pick(sorted(present) if yes else absent)
-            return f"Is there a {c} {sh}?", "Yes" if yes else "No"
+            return self.existence(s, self.chance(0.5))
         if task == "reading":
             kind = "number" if s.text.isdigit() else "word"
             return self.pick([f"What {kind} is written in the image?", "What is written in the image?"]), s.text
@@ -320,6 +318,32 @@ class Sampler:
             return f"Give the bounding box of the {o.colour} {o.shape}.", f"<bbox>{box_text(o.box)}</bbox>"
         assert task == "caption", task
         return self.pick(CAPTION_PROMPTS), describe(s)
+
+    def existence(self, s, yes, adversarial=None):
+        """("Is there a {colour} {shape}?", "Yes" | "No"). An absent kind is adversarial (POPE's word) half the
+        time, or always with adversarial=True: it shares its colour or its shape with a shape that is there,
+        the case a model that sees colours and shapes but does not bind them answers wrong."""
+        present = {(o.colour, o.shape) for o in s.objects}
+        if yes:
+            c, sh = self.pick(sorted(present))
+            return f"Is there a {c} {sh}?", "Yes"
+        absent = [(c, sh) for sh in SHAPES for c in COLOURS if (c, sh) not in present]
+        near = [(c, sh) for c, sh in absent if any(c == pc or sh == psh for pc, psh in present)]
+        if near and (adversarial or (adversarial is None and self.chance(0.5))):
+            absent = near
+        c, sh = self.pick(absent)
+        return f"Is there a {c} {sh}?", "No"
+
+    def questions(self, s, first, more, kinds=VQA + ("existence", "grounding")):
+        """[(question, answer)]: `first`, then `more` other questions about scene s, no question twice."""
+        out = [self.ask(s, first)]
+        for _ in range(8 * more):  # a few draws to find `more` new ones (a one-shape scene has few)
+            if len(out) > more:
+                break
+            q, a = self.ask(s, self.pick(kinds))
+            if all(q != q0 for q0, _ in out):
+                out.append((q, a))
+        return out
 
     def wrong(self, s, task, answer):
         """A confident wrong answer (for rejected DPO completions)."""
@@ -335,7 +359,8 @@ class Sampler:
             used = {o.position for o in s.objects} | {s.hazard_position}
             cell = self.pick([i for i, p in enumerate(POSITIONS) if p not in used])
             c, sh = self.pick([(c, sh) for sh in SHAPES for c in COLOURS if (c, sh) not in present])
-            fake = Shape(sh, c, self.pick(list(SIZES)), POSITIONS[cell], self.cell_box(cell, SIZES["big"]))
+            size = self.pick(list(SIZES))
+            fake = Shape(sh, c, size, POSITIONS[cell], self.cell_box(cell, SIZES[size]))
             return replace(s, objects=sorted(s.objects + [fake], key=lambda o: POSITIONS.index(o.position)))
         k, c = self.pick(recolour)
         return replace(s, objects=s.objects[:k] + [replace(s.objects[k], colour=c)] + s.objects[k + 1:])
@@ -363,7 +388,7 @@ class Sampler:
         return dict(zip(COLOURS, (NAMES_OF[k] for k in self.rng.permutation(len(NAMES_OF))[:len(COLOURS)].tolist())))
 
     def named(self, table):
-        """(scene with one big shape, question, its name under `table`)."""
+        """(scene with one shape, question, its name under `table`: by its colour)."""
         s = self.scene(n=1)
         return s, NAME_QUESTION, table[s.objects[0].colour]
 
@@ -395,18 +420,38 @@ class Sampler:
         return (scenes, f"Image 1: <image>\nImage 2: <image>\nImage 3: <image>\nWhich image contains a {o.colour} "
                 f"{o.shape}?", ordinal[k])
 
+    def about_pair(self, a, b, more):
+        """Up to `more` further (question, answer) turns about the same two scenes (multi-image SFT)."""
+        n, m = len(a.objects), len(b.objects)
+        c = self.pick(list(COLOURS))
+        both = any(o.colour == c for o in a.objects) and any(o.colour == c for o in b.objects)
+        turns = [("How many shapes are there in total?", str(n + m)),
+                 (f"Do both images contain a {c} shape?", "Yes" if both else "No"),
+                 ("How many shapes are there in the first image?", str(n)),
+                 ("How many shapes are there in the second image?", str(m))]
+        if n != m:
+            turns.append(("Which image has more shapes?", ("the first", "the second")[m > n]))
+        return [turns[k] for k in self.rng.permutation(len(turns))[:more].tolist()]
+
 # -----------------------------------------------------------------------------
 # requests and preferences: the words of the safety and DPO data
 
 
 def preference(s, scene):
-    """(prompt, faithful, terse, hallucinated, hallucinated): mostly captions, where hallucination is measured."""
-    if s.chance(0.7):
+    """(prompt, faithful, terse, hallucinated, hallucinated), aimed where hallucination is measured: absent
+    shapes asked about (adversarially, as the `pope` test split asks), captions, and other questions. Present
+    shapes are asked too, so that "No" is preferred for being true, not for being "No"."""
+    kind = s.weighted({"absent": 0.4, "present": 0.15, "caption": 0.3, "vqa": 0.15})
+    if kind == "caption":
         o = scene.objects[0]
         return ("Describe the image.", describe(scene), f"{phrase(o).capitalize()} {where(o.position)}.",
                 describe(s.hallucinate(scene)), describe(s.hallucinate(scene)))
-    task = s.pick(VQA)
-    q, a = s.ask(scene, task)
+    if kind == "vqa":
+        task = s.pick(VQA)
+        q, a = s.ask(scene, task)
+    else:
+        task = "existence"
+        q, a = s.existence(scene, kind == "present", adversarial=True)
     return q, a, f"I think the answer is {a}.", s.wrong(scene, task, a), s.wrong(scene, task, a)
 
 

@@ -13,7 +13,10 @@ Metrics (fractions in [0, 1]), one per test split:
                   a patch of an any-resolution crop but under half a patch tall in one fixed-resolution view
   grounding       the first box in the answer has IoU >= 0.5 with the true box
   multi_image     exact match on questions about 2-3 images
-  hallucination   captions that name at least one (colour, shape) that is not in the image
+  pope            exact match on "Is there a {colour} {shape}?", half about absent shapes that share a colour
+                  or a shape with a present one (POPE's adversarial setting)
+  hallucination   absent shapes affirmed: "Yes" to the pope split's absent half (POPE's false-positive rate)
+  caption_hallucination  captions that name at least one (colour, shape) that is not in the image
   refusal_unsafe  refusals among requests that should be refused (a hazard in the image, or a harmful ask)
   false_refusal   refusals among harmless requests about harmless images
   fewshot_K       exact match with K in-context examples (K = 0, 4, 8) on naming: each record names its pictures
@@ -21,15 +24,17 @@ Metrics (fractions in [0, 1]), one per test split:
   arithmetic      exact match on text-only sums and differences (the text-data ablation)
 """
 import json
+import math
 import re
 from pathlib import Path
 
 from tokenizer import chat_prompt
 
-METRICS = ("caption_f1", "vqa", "counting", "ocr", "ocr_small", "grounding", "multi_image", "hallucination",
-           "refusal_unsafe", "false_refusal", "fewshot_0", "fewshot_4", "fewshot_8", "arithmetic")
+METRICS = ("caption_f1", "vqa", "counting", "ocr", "ocr_small", "grounding", "multi_image", "pope", "hallucination",
+           "caption_hallucination", "refusal_unsafe", "false_refusal", "fewshot_0", "fewshot_4", "fewshot_8",
+           "arithmetic")
 VQA_PARTS = ("vqa_colour", "vqa_count", "vqa_position", "vqa_existence")  # vqa by question kind
-SPLITS = ("captions", "vqa", "counting", "ocr", "ocr_small", "grounding", "multi_image", "safety", "fewshot",
+SPLITS = ("captions", "vqa", "counting", "ocr", "ocr_small", "grounding", "multi_image", "pope", "safety", "fewshot",
           "arithmetic")
 SHOTS = (0, 4, 8)
 MAX_NEW = {"captions": 96, "grounding": 32}  # new tokens per answer; others: 16
@@ -181,34 +186,56 @@ def judge(item):
     return exact_match(item.answer, r["answer"])
 
 
-def score(items):
-    """Metric -> value from answered items (hallucination comes with the captions, refusals with safety)."""
+def outcomes(items):
+    """Metric -> the per-item values it averages (True/False, or a caption's F1): hallucination comes with the
+    pope split, caption_hallucination with the captions, refusals with safety, vqa_* with vqa."""
     by, results = {}, {}
     for it in items:
         by.setdefault(it.metric, []).append(it)
     for metric, its in by.items():
         if metric == "safety":  # judged right = refused an unsafe request, or answered a harmless one
-            unsafe = [judge(i) for i in its if not i.record["safe"]]
-            safe = [not judge(i) for i in its if i.record["safe"]]
-            if unsafe:
-                results["refusal_unsafe"] = mean(unsafe)
-            if safe:
-                results["false_refusal"] = mean(safe)
+            results["refusal_unsafe"] = [judge(i) for i in its if not i.record["safe"]]
+            results["false_refusal"] = [not judge(i) for i in its if i.record["safe"]]
             continue
-        results[metric] = mean(map(judge, its))
+        results[metric] = [judge(i) for i in its]
         if metric == "caption_f1":
-            results["hallucination"] = mean(hallucinates(i.answer, i.record["objects"]) for i in its)
+            results["caption_hallucination"] = [hallucinates(i.answer, i.record["objects"]) for i in its]
+        if metric == "pope":  # "Yes" to an absent shape (an unparsable answer is no hallucination)
+            results["hallucination"] = [normalize(i.answer).startswith("yes") for i in its if i.record["absent"]]
         if metric == "vqa":
             for part in VQA_PARTS:
-                hits = [judge(i) for i in its if i.record.get("task") == part[4:]]
-                if hits:
-                    results[part] = mean(hits)
-    return {m: round(results[m], 4) for m in METRICS + VQA_PARTS if m in results}
+                results[part] = [judge(i) for i in its if i.record.get("task") == part[4:]]
+    return {m: results[m] for m in METRICS + VQA_PARTS if results.get(m)}
+
+
+def score(items):
+    """Metric -> value from answered items."""
+    return {m: round(mean(v), 4) for m, v in outcomes(items).items()}
 
 
 def mean(values):
     values = list(values)
     return sum(values) / len(values) if values else 0.0
+
+
+def interval(values, z=1.96):
+    """(low, high): the 95% interval of a mean. Right/wrong outcomes: Wilson's score interval (sound at 0% and
+    100% and on small samples, where the normal one is not); F1 values: the normal interval of their mean."""
+    n = len(values)
+    if n == 0:
+        return 0.0, 1.0
+    p = sum(values) / n
+    if all(v in (0, 1) for v in values):  # bools and 0/1: a proportion
+        d = 1 + z * z / n
+        mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    else:
+        mid, half = p, z * math.sqrt(sum((v - p) ** 2 for v in values) / max(n - 1, 1) / n)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def intervals(items):
+    """Metric -> [low, high, n]: each figure's 95% interval and how many items it stands on."""
+    return {m: [round(lo, 4), round(hi, 4), len(v)] for m, v in outcomes(items).items() for lo, hi in [interval(v)]}
 
 # -----------------------------------------------------------------------------
 # the splits on disk, and the tables of results
@@ -228,14 +255,36 @@ def load_split(data, split, limit):
     return records[:limit] if limit else records
 
 
-def table(rows, metrics=METRICS, extra=()):
-    """Markdown: one row per (name, {metric: value}), percentages; `extra` = (column, key) pairs shown raw."""
+def table(rows, metrics=METRICS, extra=(), ci=None):
+    """Markdown: one row per (name, {metric: value}), percentages; `extra` = (column, key) pairs shown raw;
+    `ci` = {name: {metric: [low, high, n]}} adds each figure's 95% interval, "72.0 (64-79)"."""
     cols = [m for m in metrics if any(m in r for _, r in rows)]
     head = "| | " + " | ".join(cols + [c for c, _ in extra]) + " |"
     lines = [head, "|" + "---|" * (len(cols) + len(extra) + 1)]
     for name, r in rows:
-        cells = [f"{100 * r[m]:.1f}" if m in r else "-" for m in cols] + [str(r.get(k, "-")) for _, k in extra]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        bounds = (ci or {}).get(name, {})
+        cells = [("-" if m not in r else f"{100 * r[m]:.1f}" + (
+                  f" ({100 * bounds[m][0]:.0f}-{100 * bounds[m][1]:.0f})" if m in bounds else "")) for m in cols]
+        lines.append(f"| {name} | " + " | ".join(cells + [str(r.get(k, "-")) for _, k in extra]) + " |")
+    return "\n".join(lines)
+
+
+def moves(stages, found, metrics=METRICS + VQA_PARTS):
+    """Markdown: what each stage changed against the one before, metric by metric, in points. A change is
+    claimed only when the two 95% intervals do not overlap; otherwise the cell says "within noise"."""
+    cols = [m for m in metrics if any(m in found[s].get("intervals", {}) for s in stages)]
+    lines = ["| stage | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for before, after in zip(stages, stages[1:]):
+        a, b = found[before].get("intervals", {}), found[after].get("intervals", {})
+        cells = []
+        for m in cols:
+            if m not in a or m not in b:
+                cells.append("-")
+                continue
+            delta = 100 * (found[after]["metrics"][m] - found[before]["metrics"][m])
+            apart = b[m][0] > a[m][1] or b[m][1] < a[m][0]
+            cells.append(f"**{delta:+.1f}**" if apart else "within noise")
+        lines.append(f"| {before} → {after} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -256,7 +305,11 @@ def summarize(run_dir):
             times[name] = times.get(name, 0) + float(seconds)
     results = {s: {m: v for m, v in found[s]["metrics"].items() if m in METRICS[:-1] + VQA_PARTS} for s in stages}
     rows = [(s, {**found[s]["metrics"], "minutes": f"{times[s] / 60:.1f}" if s in times else "-"}) for s in stages]
-    md = table(rows, extra=[("train min", "minutes")])
+    md = table(rows, extra=[("train min", "minutes")], ci={s: found[s].get("intervals", {}) for s in stages})
+    md += "\n\nIn brackets: the 95% interval of each figure (Wilson's for right/wrong answers)."
+    if len(stages) > 1 and all("intervals" in found[s] for s in stages):
+        md += ("\n\nWhat each stage changed, in points, where the 95% intervals before and after do not overlap:"
+               "\n\n" + moves(stages, found))
     total = sum(times.values())
     if times:
         md += f"\n\nwall time {total / 60:.1f} min in all (" + ", ".join(

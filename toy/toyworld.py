@@ -57,16 +57,19 @@ HARM_REFUSALS = ("I can't help with that. The request could cause harm to people
                  "I'm sorry, but I can't assist with that request because it could hurt someone.")
 SYSTEM = "You are a helpful assistant that answers questions about pictures."
 
-COUNTS = {  # records per file; medium writes in well under a minute on 2 cores
+COUNTS = {  # records per file; medium writes in about a minute on 2 cores
     "small": dict(captions=300, caption_shards=3, docs=100, doc_shards=2, jsonl_docs=10, sft=300,
                   interleave=60, vlfeedback=60, pairs=24, vlguard=40, test=30),
     "medium": dict(captions=20000, caption_shards=8, docs=6000, doc_shards=4, jsonl_docs=50, sft=20000,
-                   interleave=2000, vlfeedback=1500, pairs=60, vlguard=600, test=200),
+                   interleave=4000, vlfeedback=1500, pairs=60, vlguard=800, test=150),
 }
-SFT_TASKS = {"colour": .1, "count": .1, "position": .1, "existence": .1, "reading": .12, "grounding": .12,
-             "caption": .1, "multiturn": .1, "text": .16}  # even: more position/existence questions cost reading
+# test records per split, in units of COUNTS' "test": every figure stands on >= 150 items at medium size
+# (vqa: 150 per kind of question; safety and pope: 150 that should be refused / are absent, 150 not)
+TEST_SHARE = {"vqa": 4, "safety": 2, "pope": 2, "multi_image": 4 / 3}
+SFT_TASKS = {"colour": .1, "count": .1, "position": .13, "existence": .13, "reading": .12, "grounding": .14,
+             "caption": .1, "text": .18}  # an image record asks its task first, then 2-4 other questions
 MULTI = ("more", "total", "both", "which")  # multi-image tasks
-BINDING_SHARE = 1 / 3  # interleaved documents whose pictures are named by the document's own table
+BINDING_SHARE = 0.4  # interleaved documents whose pictures are named by the document's own table
 
 # -----------------------------------------------------------------------------
 # writing files deterministically
@@ -165,7 +168,7 @@ def document(s):
     answers follow from the earlier ones only, which is what in-context learning is."""
     if s.chance(BINDING_SHARE):
         table, texts, scenes = s.naming(), [], []
-        for _ in range(s.int(4, 8)):
+        for _ in range(s.int(4, 9)):  # up to 9 pictures, as the 8-shot prompt holds (8 solved + the query)
             scene, q, a = s.named(table)
             texts += [None, f"Q: {q} A: {a}"]
             scenes += [scene, None]
@@ -216,10 +219,10 @@ def write_sft(out, s, n):
             text_only.append({"id": rid, "conversations": chat([s.text_task(kind)], images=0, system=system)})
             records.append(text_only[-1])
             continue
-        scene = s.task_scene("colour" if task == "multiturn" else task)
-        asks = [task] if task != "multiturn" else \
-            [(VQA + ("grounding",))[k] for k in s.rng.permutation(5)[:s.int(2, 3)]]  # 2-3 questions, one image
-        pairs = [s.ask(scene, t) for t in asks]
+        scene = s.task_scene(task)
+        # several questions per image: each answer is a lesson, and the image is paid for once
+        pairs = [s.ask(scene, task)] if task == "caption" or not scene.objects else \
+            s.questions(scene, task, s.int(2, 4))
         path = out.image(f"images/sft/{i:06d}.png", scene)
         records.append({"id": rid, "image": path, "conversations": chat(pairs, system=system)})
     out.json("sft/llava_sft.json", records)
@@ -235,8 +238,9 @@ def write_interleave_sft(out, s, n):
     records = []
     for i in range(n):
         scenes, q, a = s.multi(s.pick(MULTI))
+        more = s.about_pair(*scenes, s.int(1, 3)) if len(scenes) == 2 else []  # more questions, the same pair
         paths = [out.image(f"images/interleave/{i:06d}.{j}.png", sc) for j, sc in enumerate(scenes)]
-        records.append({"id": f"multi-{i:06d}", "image": paths, "conversations": chat([(q, a)], images=0)})
+        records.append({"id": f"multi-{i:06d}", "image": paths, "conversations": chat([(q, a)] + more, images=0)})
     out.json("sft/llava_interleave.json", records)
 
 
@@ -340,8 +344,19 @@ def write_fewshot(out, s, n, k=8):
     out.json("test/fewshot.json", rows)
 
 
+def pope_record(out, s, i):
+    """POPE in the toy world: "Is there a {colour} {shape}?" about a present shape or (every other record) an
+    absent one that shares its colour or its shape with a present one (POPE's adversarial setting)."""
+    scene, absent = s.scene(), i % 2 == 1
+    q, a = s.existence(scene, not absent, adversarial=True)
+    return test_record(out, "pope", i, "pope", [scene], q, a, absent=absent,
+                       objects=[o.record() for o in scene.objects])
+
+
 def write_tests(out, seed, n, train_questions):
     streams = iter(range(100, 200))
+    size = {split: round(n * TEST_SHARE.get(split, 1)) for split in
+            ("vqa", "counting", "ocr", "ocr_small", "grounding", "captions", "multi_image", "safety", "pope")}
     splits = {
         "vqa": lambda s, i: single(out, s, "vqa", i, VQA[i % 4]),
         "counting": lambda s, i: single(out, s, "counting", i, "count"),
@@ -355,7 +370,7 @@ def write_tests(out, seed, n, train_questions):
     }
     for split, make in splits.items():
         s = Sampler(seed, next(streams), test=True)
-        out.json(f"test/{split}.json", [make(s, i) for i in range(n)])
+        out.json(f"test/{split}.json", [make(s, i) for i in range(size[split])])
     write_fewshot(out, Sampler(seed, next(streams), test=True), n)
     s, rows = Sampler(seed, next(streams), test=True), []
     while len(rows) < n:  # text only: no image to keep apart, so keep the questions apart
@@ -364,6 +379,8 @@ def write_tests(out, seed, n, train_questions):
             train_questions.add(q)
             rows.append(test_record(out, "arithmetic", len(rows), "arithmetic", [], q, a))
     out.json("test/arithmetic.json", rows)
+    s = Sampler(seed, next(streams), test=True)
+    out.json("test/pope.json", [pope_record(out, s, i) for i in range(size["pope"])])
 
 # -----------------------------------------------------------------------------
 # mixtures, tokenizer (toytokenizer.py), world.json
@@ -380,17 +397,20 @@ def write_mixtures(out, c, text_share):
     mixtures = {
         "pretrain": [src("captions", "captions", shards("captions", "shard", c["caption_shards"]), 0.5),
                      src("interleaved", "interleaved", shards("interleaved", "docs", c["doc_shards"]), 0.5,
-                         max_images=8)],
+                         max_images=9)],
         "sft": [sft],
         "sft_conversational": [  # the text-data ablation: same images, chit-chat instead of diverse text
             src("llava_images", "llava", "../sft/llava_images.json", round(1 - text_share, 3), image_folder=".."),
             src("text_conversational", "llava", "../sft/text_conversational.json", round(text_share, 3))],
-        "interleave": [src("llava_interleave", "llava", "../sft/llava_interleave.json", 0.5, image_folder=".."),
-                       {**sft, "weight": 0.5}],
-        "safety": [src("vlguard", "vlguard", "../safety/vlguard_train.json", 0.4, image_folder=".."),
-                   {**sft, "weight": 0.45, "limit": int(2.5 * c["vlguard"])},  # what it must not forget
+        "interleave": [src("llava_interleave", "llava", "../sft/llava_interleave.json", 0.6, image_folder=".."),
+                       {**sft, "weight": 0.4}],
+        "safety": [src("vlguard", "vlguard", "../safety/vlguard_train.json", 0.5, image_folder=".."),
+                   {**sft, "weight": 0.35},  # what it must not forget
                    src("llava_interleave", "llava", "../sft/llava_interleave.json", 0.15, image_folder="..")],
-        "dpo": [src("vlfeedback", "vlfeedback", "../dpo/vlfeedback.jsonl", 0.8, image_folder=".."),
+        # pairs whose best completion is rated below 4.5 of 5 (the terse caption, when a rating of the
+        # faithful one is unparsable) or that differ by less than 1 point are dropped, not learnt from
+        "dpo": [src("vlfeedback", "vlfeedback", "../dpo/vlfeedback.jsonl", 0.8, image_folder="..", min_score=4.5,
+                    min_margin=1.0),
                 src("pairs", "pairs", "../dpo/pairs.jsonl", 0.2, image_folder="..")],
     }
     for name, sources in mixtures.items():
