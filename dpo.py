@@ -115,7 +115,7 @@ def precompute(run, sources):
     if path.is_file():
         cached = load_file(path)
         return {int(k): v for k, v in cached.items()}
-    encoder = data.Encoder(run.m.tokenizer, run.m.config, run.args.max_len)
+    encoder = data.Encoder(run.m.tokenizer, run.m.config, run.args.max_len, run.args.system)
     spare = encoder({"turns": [("user", "hi")], "chosen": "a", "rejected": "b", "images": [], "where": "spare"})
     table, B = {}, run.args.batch_size
     for si, (src, _) in enumerate(sources):

@@ -96,7 +96,9 @@ def toy_main(argv):
     p.add_argument("--splits", nargs="+", default=list(tasks.SPLITS), choices=tasks.SPLITS, help="test splits to run")
     p.add_argument("--prompt", default="chat", choices=["chat", "plain"],
                    help="chat: Phi-3 chat format (SFT and later); plain: `<image>Q: ... A:` (pretrained only)")
-    p.add_argument("--limit", type=int, default=None, help="first N records of each split")
+    p.add_argument("--limit", type=int, default=None, help="first N records of each split (0: all)")
+    p.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT",
+                   help="chat prompts' system prompt, as the model was trained (default: the release's; \"\" for none)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -116,8 +118,8 @@ def toy_main(argv):
     except weights.CheckpointError as e:
         fail("eval.py", e)
     try:
-        items = answered(m, args.data, args.splits, args.prompt, limit=args.limit, batch_size=args.batch_size,
-                         device=args.device, predictions=args.predictions)
+        items = answered(m, args.data, args.splits, args.prompt, args.system, args.limit, args.batch_size,
+                         args.device, predictions=args.predictions)
         metrics = tasks.score(items)
     except (ValueError, OSError) as e:  # a test split or an image that cannot be read (BadSample names it)
         fail("eval.py", e)

@@ -84,6 +84,8 @@ def build_parser(description=__doc__, stages=STAGES):
     g.add_argument("--batch-size", type=int, default=8, help="samples per micro-batch per rank")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     g.add_argument("--max-len", type=int, default=2048, help="tokens per sample, images counted as their vision tokens")
+    g.add_argument("--system", default=None, metavar="TEXT", help="system prompt of the chats that bring none "
+                   "(default: the release's helpful-assistant one; \"\" for none)")
     g.add_argument("--lr", type=float, default=None, help=f"peak (default: {SCRATCH_LR:g} from scratch, else by stage: "
                    f"{DEFAULT_LR})")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
@@ -137,6 +139,7 @@ def finish_args(args, script="train.py"):
         args.warmup = max(1, args.max_steps // 20)
     args.train_vit = args.init is None and args.stage == "pretrain" if args.train_vit is None else args.train_vit
     args.lora = args.stage in LORA_STAGES if args.lora is None else args.lora
+    args.system = data.DEFAULT_SYSTEM if args.system is None else args.system
     return args
 
 
@@ -202,8 +205,8 @@ class Run:
         """The batches of this rank from the run's data position on, built by DataLoader workers (in pinned
         memory on CUDA, so the copies to the GPU do not wait)."""
         args, tok = self.args, self.m.tokenizer
-        mixture = data.Mixture(self.sources, data.Encoder(tok, self.m.config, args.max_len), args.batch_size,
-                               tok.pad_id, seed=args.seed, rank=self.rank, world=self.world,
+        encoder = data.Encoder(tok, self.m.config, args.max_len, args.system)
+        mixture = data.Mixture(self.sources, encoder, args.batch_size, tok.pad_id, seed=args.seed, rank=self.rank, world=self.world,
                                start_batch=self.trainer["step"] * args.grad_accum, group=args.length_groups)
         return iter(data.loader(mixture, num_workers=args.workers, pin_memory=self.device.type == "cuda"))
 

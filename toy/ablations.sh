@@ -47,8 +47,8 @@ sft() {  # sft VARIANT MIXTURE [train.py options]: SFT from RUN/pretrain, then e
   [[ -d $ckpt ]] && ls "$ckpt"/ckpt-* >/dev/null 2>&1 || \
     "${PYTHON:-python}" train.py --stage sft --init "$RUN/pretrain" --data "$DATA/mixtures/$mixture.json" \
       --out-dir "$ckpt" --max-steps "$ABLATION_STEPS" --save-every "$ABLATION_STEPS" --keep 1 \
-      --batch-size "$BATCH" --length-groups 16 --lr "$SFT_LR" "$@"
-  "${PYTHON:-python}" eval.py --checkpoint "$ckpt" --data "$DATA" --limit "$EVAL_LIMIT" --name "$name" \
+      --batch-size "$BATCH" --length-groups 16 --lr "$SFT_LR" --system "$SYSTEM" "$@"
+  "${PYTHON:-python}" eval.py --checkpoint "$ckpt" --data "$DATA" --limit "$EVAL_LIMIT" --name "$name" --system "$SYSTEM" \
     --splits vqa ocr ocr_small grounding arithmetic --json "$OUT/eval/$name.json" > /dev/null
 }
 

@@ -41,15 +41,18 @@ evaluate() {  # evaluate STAGE [eval.py options]
   local stage=$1
   shift
   timed eval "${PYTHON:-python}" eval.py --checkpoint "$OUT/$stage" --data "$DATA" --limit "$EVAL_LIMIT" \
-    --name "$stage" --json "$OUT/eval/$stage.json" --predictions "$OUT/eval/$stage.predictions.jsonl" "$@"
+    --system "$SYSTEM" --name "$stage" --json "$OUT/eval/$stage.json" \
+    --predictions "$OUT/eval/$stage.predictions.jsonl" "$@"
 }
+# few-shot naming is what interleaved pretraining teaches: scored after pretraining, like the paper's base model
+LATER=(--splits captions vqa counting ocr ocr_small grounding multi_image pope safety arithmetic)
 
 train() {  # train STAGE INIT STEPS [train.py options]
   local stage=$1 init=$2 steps=$3
   shift 3
   timed "$stage" "${PYTHON:-python}" train.py --stage "$stage" --init "$OUT/$init" \
     --data "$DATA/mixtures/$stage.json" --out-dir "$OUT/$stage" --max-steps "$steps" --save-every "$steps" --keep 1 \
-    --batch-size "$BATCH" --length-groups 16 "$@"
+    --batch-size "$BATCH" --length-groups 16 --system "$SYSTEM" "$@"
 }
 
 probe() {  # probe STAGE: fresh linear heads on the checkpoint's frozen ViT features and resampler latents
@@ -65,18 +68,18 @@ evaluate pretrain --prompt plain
 probe pretrain
 
 train sft pretrain "$SFT_STEPS" --lr "$SFT_LR"
-evaluate sft
+evaluate sft "${LATER[@]}"
 
 train interleave sft "$INTERLEAVE_STEPS" --lr "$INTERLEAVE_LR"
-evaluate interleave
+evaluate interleave "${LATER[@]}"
 
 timed dpo "${PYTHON:-python}" dpo.py --init "$OUT/interleave" --data "$DATA/mixtures/dpo.json" --out-dir "$OUT/dpo" \
   --max-steps "$DPO_STEPS" --save-every "$DPO_STEPS" --keep 1 --batch-size 4 --lr "$DPO_LR" \
-  --lora-r "$DPO_LORA_R" --lora-alpha "$DPO_LORA_ALPHA"
-evaluate dpo
+  --lora-r "$DPO_LORA_R" --lora-alpha "$DPO_LORA_ALPHA" --system "$SYSTEM"
+evaluate dpo "${LATER[@]}"
 
 train safety dpo "$SAFETY_STEPS" --lr "$SAFETY_LR"
-evaluate safety
+evaluate safety "${LATER[@]}"
 probe safety
 
 "${PYTHON:-python}" -m toy.report "$OUT"

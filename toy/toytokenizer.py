@@ -20,6 +20,11 @@ PHI3_ADDED = (("<|endoftext|>", False), ("<|assistant|>", True), ("<|placeholder
               ("<|user|>", True))  # (content, rstrip), ids n..n+10, as in Phi-3's tokenizer_config.json
 
 
+# one piece per box coordinate (the 0.05 grid, two decimals) and per box tag, as location tokens are in
+# Kosmos-2: a box is 12 tokens instead of 28 digits, dots and brackets, and "0.35" is one thing to learn
+BOX_PIECES = ["<bbox>", "</bbox>"] + [f"{k / 20:.2f}" for k in range(21)]
+
+
 def write_tokenizer(folder, corpus, vocab_size=1000):
     """SentencePiece BPE on every line of text the world wrote, in the Hub layout of Phi-3's tokenizer."""
     lines = [ln for t in corpus + [DEFAULT_SYSTEM] for ln in t.replace("<image>", "").split("\n") if ln.strip()]
@@ -28,7 +33,7 @@ def write_tokenizer(folder, corpus, vocab_size=1000):
         sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
         hard_vocab_limit=False, byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
         remove_extra_whitespaces=False, normalization_rule_name="identity", character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2, user_defined_symbols=BOX_PIECES)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.model").write_bytes(model.getvalue())
     n = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
