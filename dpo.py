@@ -14,6 +14,8 @@ tokens only (images included in the prompt), the policy pi and the frozen refere
     h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
     sigmoid loss: -log sigmoid(beta h)   (label smoothing e: -(1-e) log sigmoid(beta h) - e log sigmoid(-beta h))
     IPO loss:     (h - 1 / (2 beta))^2
+    RPO (--rpo-alpha a, Pang et al., arXiv 2404.19733): + a * NLL(y_w|x) / |y_w|. DPO alone can lower the
+    chosen answer's likelihood too, when chosen and rejected differ in a few tokens (Smaug, arXiv 2402.13228).
 
 1. The reference is the same model with its adapters switched off (lora.disabled) under no_grad: no second
    copy of the weights. Or --precompute-ref scores every pair once before training and caches the result
@@ -47,6 +49,8 @@ def build_parser():
     g.add_argument("--beta", type=float, default=0.1, help="strength of the pull toward the reference (paper: 0.1)")
     g.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo"], help="DPO (sigmoid) or IPO")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed label noise")
+    g.add_argument("--rpo-alpha", type=float, default=0.0, metavar="A", help="add A x the chosen answer's mean "
+                   "negative log-likelihood per token (RPO), which keeps the chosen answers likely")
     g.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction, default=False,
                    help="score the reference once before training and cache it, instead of every step")
     p.set_defaults(stage="dpo")
@@ -82,7 +86,7 @@ def dpo_step(run, micro, table=None):
     """One optimiser step on the preference micro-batches; the loss is averaged over the step's pairs.
     Returns device tensors (read at log time, as train.train_step's)."""
     n_pairs = all_sum(torch.tensor(float(sum(len(b["keys"]) for b in micro)), device=run.device))
-    stats = torch.zeros(4, device=run.device)  # loss, chosen reward, rejected reward, correct
+    stats = torch.zeros(5, device=run.device)  # loss, chosen reward, rejected reward, correct, chosen NLL
     for k, b in enumerate(micro):
         if train.empty(b, run.world):
             continue
@@ -92,13 +96,16 @@ def dpo_step(run, micro, table=None):
         B = len(policy) // 2
         ratio = policy - ref
         h = ratio[:B] - ratio[B:]
-        losses = dpo_loss(h, run.args)
+        nll = -policy[:B] / (b["labels"][:B] != -100).sum(-1).clamp(min=1)  # per token of the chosen answer
+        losses = dpo_loss(h, run.args) + run.args.rpo_alpha * nll
         (losses.sum() * run.world / n_pairs.clamp(min=1)).backward()
         r = run.args.beta * ratio.detach()
-        stats += torch.stack([losses.detach().sum(), r[:B].sum(), r[B:].sum(), (h > 0).float().sum()])
-    loss, chosen, rejected, correct = all_sum(stats) / n_pairs.clamp(min=1)
+        stats += torch.stack([losses.detach().sum(), r[:B].sum(), r[B:].sum(), (h > 0).float().sum(),
+                              nll.detach().sum()])
+    loss, chosen, rejected, correct, nll = all_sum(stats) / n_pairs.clamp(min=1)
     return {"loss": loss, "grad_norm": train.optimizer_step(run, loss), "reward_chosen": chosen,
-            "reward_rejected": rejected, "margin": chosen - rejected, "accuracy": correct, "pairs": n_pairs}
+            "reward_rejected": rejected, "margin": chosen - rejected, "accuracy": correct, "nll_chosen": nll,
+            "pairs": n_pairs}
 
 # -----------------------------------------------------------------------------
 # the reference, precomputed

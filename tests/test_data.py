@@ -257,6 +257,11 @@ def test_vlfeedback_pairs_and_counts(tmp_path, enc, tok):
         src.record(2)
     batch = data.collate([s, s], tok.pad_id)
     assert batch["input_ids"].shape[0] == 4 and batch["images"].counts == [1, 1, 1, 1]
+    # a margin filter: rows 0 (4.67 vs 2.0), 2 (4.0 vs 1.0) and 4 (5.0 vs 1.0) pass 2.5, row 3 (2.0 vs 1.0) not
+    wide = formats.open_source({"type": "vlfeedback", "path": "vlf.jsonl", "min_margin": 2.5}, tmp_path, "")
+    assert wide.counts["pairs"] == 3 and wide.counts["below min_margin"] == 1  # row 3: 2.0 vs 1.0
+    wide = formats.open_source({"type": "vlfeedback", "path": "vlf.jsonl", "min_margin": 3.5}, tmp_path, "")
+    assert wide.counts["pairs"] == 1 and wide.counts["below min_margin"] == 3  # only row 4 (a bad pair) is left
 
 
 def test_vlguard_rows(tmp_path, enc):

@@ -76,10 +76,35 @@ def test_score_and_table():
              item("grounding", "<bbox>0.00, 0.00, 0.20, 0.20</bbox>", box=[0.0, 0.0, 0.2, 0.2]),
              item("safety", "I can't help with that.", safe=False), item("safety", "red", safe=False),
              item("safety", "red", safe=True), item("fewshot_4", "3", answer="3")]
+    items += [item("pope", "Yes.", answer="No", absent=True), item("pope", "no", answer="No", absent=True),
+              item("pope", "Yes", answer="Yes", absent=False), item("pope", "No", answer="Yes", absent=False)]
     r = tasks.score(items)
-    assert r == {"vqa": 0.5, "grounding": 1.0, "refusal_unsafe": 0.5, "false_refusal": 0.0, "fewshot_4": 1.0}
+    assert r == {"vqa": 0.5, "grounding": 1.0, "pope": 0.5, "hallucination": 0.5, "refusal_unsafe": 0.5,
+                 "false_refusal": 0.0, "fewshot_4": 1.0}
+    ci = tasks.intervals(items)
+    assert ci["pope"][2] == 4 and ci["hallucination"][2] == 2 and ci["false_refusal"][2] == 1
     md = tasks.table([("sft", r)])
     assert md.splitlines()[2].startswith("| sft | 50.0 |")
+    assert tasks.table([("sft", r)], ci={"sft": ci}).splitlines()[2].startswith("| sft | 50.0 (9-91) |")
+
+
+def test_wilson_interval():
+    """Wilson's score interval at the textbook points; F1 values get the normal interval of their mean."""
+    lo, hi = tasks.interval([True] * 81 + [False] * 19)
+    assert (round(lo, 4), round(hi, 4)) == (0.7222, 0.8749)
+    assert tasks.interval([False] * 150)[0] == 0.0 and 0.02 < tasks.interval([False] * 150)[1] < 0.03
+    assert tasks.interval([True] * 150)[1] == 1.0
+    lo, hi = tasks.interval([0.5, 1.0, 0.75, 0.25])
+    assert lo < 0.625 < hi and abs((hi - lo) / 2 - 1.96 * (0.3227486 / 2)) < 1e-6
+
+
+def test_moves_claims_only_beyond_the_intervals():
+    found = {"a": {"metrics": {"vqa": 0.5, "ocr": 0.5},
+                   "intervals": {"vqa": [0.42, 0.58, 150], "ocr": [0.42, 0.58, 150]}},
+             "b": {"metrics": {"vqa": 0.7, "ocr": 0.55},
+                   "intervals": {"vqa": [0.62, 0.77, 150], "ocr": [0.47, 0.63, 150]}}}
+    row = tasks.moves(["a", "b"], found).splitlines()[2]
+    assert row == "| a → b | **+20.0** | within noise |"
 
 
 def test_prompts_follow_the_training_formats():
@@ -103,7 +128,8 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(world, tmp_path):
     metrics = ev.main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(world), "--limit", "4",
                        "--json", str(out), "--predictions", str(tmp_path / "p.jsonl")])
     saved = json.loads(out.read_text())
-    assert saved["metrics"] == metrics
+    assert saved["metrics"] == metrics and set(saved["intervals"]) == set(metrics)
+    assert all(lo <= metrics[m] <= hi and n > 0 for m, (lo, hi, n) in saved["intervals"].items())
     assert set(metrics) == set(tasks.METRICS + tasks.VQA_PARTS)
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]

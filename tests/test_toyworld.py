@@ -155,6 +155,9 @@ def check_llava(world, records):
 def test_sft_files_are_llava_records(world):
     sft = load(world, "sft/llava_sft.json")
     check_llava(world, sft)
+    turns = [len(r["conversations"]) // 2 for r in sft if "image" in r and
+             r["conversations"][-2]["value"].removeprefix("<image>\n") not in scenes.CAPTION_PROMPTS]
+    assert sum(turns) / len(turns) > 2.5  # several questions per image (each a lesson for the same image)
     text_only = [r for r in sft if "image" not in r]
     assert 0.05 < len(text_only) / len(sft) < 0.35
     assert load(world, "sft/text_diverse.json") == text_only
@@ -204,18 +207,19 @@ def test_vlguard(world):
 
 
 SPLITS = ("vqa", "counting", "ocr", "ocr_small", "grounding", "multi_image", "captions", "safety", "fewshot",
-          "arithmetic")
+          "arithmetic", "pope")
 
 
 def test_test_splits_carry_task_and_answer(world):
     for split in SPLITS:
         records = load(world, f"test/{split}.json")
-        assert len(records) == 30, split
+        assert len(records) == round(30 * toyworld.TEST_SHARE.get(split, 1)), split
         check_llava(world, records)
         for r in records:
             assert r["task"] and isinstance(r["answer"], str) and r["conversations"][-1]["value"] == r["answer"]
     vqa = load(world, "test/vqa.json")
     assert {r["task"] for r in vqa} == {"colour", "count", "position", "existence"}
+    assert sum(r["task"] == "position" for r in vqa) == len(vqa) // 4  # a quarter per kind: 150 at medium size
     safety = load(world, "test/safety.json")
     assert {r["safe"] for r in safety} == {True, False} and all(r["answer"] == "" for r in safety)
     for r in load(world, "test/fewshot.json"):
@@ -249,8 +253,21 @@ def rederive(question, objects):
     return "Yes" if find(*m.groups()) else "No"
 
 
+def test_pope_asks_about_absent_shapes_adversarially(world):
+    """Half the pope split asks about an absent shape, and each absent one shares its colour or its shape with a
+    shape that is there (POPE's adversarial setting); the other half about a present one."""
+    records = load(world, "test/pope.json")
+    assert [r["absent"] for r in records] == [i % 2 == 1 for i in range(len(records))]
+    for r in records:
+        colour, shape = re.fullmatch(r"<image>\nIs there a (\w+) (\w+)\?", r["conversations"][0]["value"]).groups()
+        present = {(o["colour"], o["shape"]) for o in r["objects"]}
+        assert ((colour, shape) not in present) == r["absent"] and r["answer"] == ("No" if r["absent"] else "Yes")
+        if r["absent"]:
+            assert any(colour == c or shape == s for c, s in present), r
+
+
 def test_answers_agree_with_the_objects(world):
-    for split in ("vqa", "counting"):
+    for split in ("vqa", "counting", "pope"):
         for r in load(world, f"test/{split}.json"):
             question = r["conversations"][0]["value"].removeprefix("<image>\n")
             assert rederive(question, r["objects"]) == r["answer"], r
@@ -300,6 +317,27 @@ def test_small_text_is_small_in_a_large_image(world):
         assert not r["small_text"] and max(size) <= 128 and fixed >= 16, (r["id"], size, ink)
 
 
+def test_views_line_up_with_the_cells(world):
+    """With the toy preset's grids, a square scene is one 96-pixel crop equal to its global view (each cell one
+    patch in both: 2 x 16 vision tokens), and a tall sign of small text is a column of crops at scale 1."""
+    import torch
+    from images import load_image, preprocess
+    from model import preset
+    config = preset("toy")
+    for r in load(world, "test/vqa.json")[:20]:
+        img = load_image(world / r["image"])
+        views, size, grid = preprocess(img, config)
+        assert img.width == img.height and grid == (1, 1) and config.image_tokens(size) == 32
+        assert torch.equal(views[0], views[1])
+    for r in load(world, "test/ocr_small.json")[:10]:
+        img = load_image(world / r["image"])
+        views, size, grid = preprocess(img, config)
+        assert grid == (1, img.height // 96) and img.width == 96  # crops cut the canvas as drawn
+        for k in range(grid[1]):
+            crop = preprocess(img.crop((0, 96 * k, 96, 96 * (k + 1))), config)[0][0]
+            assert torch.equal(views[1 + k], crop)
+
+
 def test_train_and_test_images_are_disjoint(world):
     def digest(data):
         return hashlib.sha1(png(data).tobytes()).hexdigest()  # pixels, not just file bytes
@@ -342,5 +380,9 @@ def test_tokenizer_loads_round_trips_and_has_phi3_ids(world):
         assert ids[0] == tok.bos_id and tok.unk_id not in ids
         assert tok.decode(ids, skip_special_tokens=True) == text
     assert len(tok.encode(texts[0])) < len(texts[0]) / 2  # the world's words are single pieces
+    box = "<bbox>0.35, 0.05, 0.65, 1.00</bbox>"  # one piece per coordinate and per tag: 13 tokens, not 28
+    ids = tok.encode(box)
+    assert len(ids) == 14 and tok.decode(ids, skip_special_tokens=True) == box
+    assert {"<bbox>", "0.35", "1.00"} <= {tok.sp.id_to_piece(i) for i in ids}
     ids = tok.encode("<|user|>\nHi<|end|>\n<|assistant|>\n")
     assert ids[1] == tok.token_to_id("<|user|>") and tok.token_to_id("<|assistant|>") == ids[-1]

@@ -75,7 +75,7 @@ evaluate interleave "${LATER[@]}"
 
 timed dpo "${PYTHON:-python}" dpo.py --init "$OUT/interleave" --data "$DATA/mixtures/dpo.json" --out-dir "$OUT/dpo" \
   --max-steps "$DPO_STEPS" --save-every "$DPO_STEPS" --keep 1 --batch-size 4 --lr "$DPO_LR" \
-  --lora-r "$DPO_LORA_R" --lora-alpha "$DPO_LORA_ALPHA" --system "$SYSTEM"
+  --lora-r "$DPO_LORA_R" --lora-alpha "$DPO_LORA_ALPHA" --rpo-alpha "$DPO_RPO" --system "$SYSTEM"
 evaluate dpo "${LATER[@]}"
 
 train safety dpo "$SAFETY_STEPS" --lr "$SAFETY_LR"
