@@ -56,6 +56,9 @@ VQA = ("colour", "count", "position", "existence")
 NAMES_OF = ("dax", "wug", "fep", "blick", "toma", "zorb", "kiki", "mip", "rilo", "gazz", "vop", "tulo")  # made-up
 NAME_QUESTION = "What is this called?"  # answered by a document's own colour -> made-up-name table
 CAPTION_PROMPTS = ("Describe the image.", "Describe the image in detail.", "What is in the picture?")
+# what the preference pairs are about: absent shapes asked about (what the pope split measures), present ones
+# (so that "No" is not preferred for being "No"), captions (an extra shape is the hallucination), other questions
+PREFERENCES = {"absent": 0.4, "present": 0.2, "caption": 0.2, "vqa": 0.2}
 
 # -----------------------------------------------------------------------------
 # scenes: what is in a picture, and the picture itself
@@ -445,7 +448,7 @@ def preference(s, scene):
     """(prompt, faithful, terse, hallucinated, hallucinated), aimed where hallucination is measured: absent
     shapes asked about (adversarially, as the `pope` test split asks), captions, and other questions. Present
     shapes are asked too, so that "No" is preferred for being true, not for being "No"."""
-    kind = s.weighted({"absent": 0.45, "present": 0.2, "caption": 0.2, "vqa": 0.15})
+    kind = s.weighted(PREFERENCES)
     if kind == "caption":
         o = scene.objects[0]
         return ("Describe the image.", describe(scene), f"{phrase(o).capitalize()} {where(o.position)}.",
