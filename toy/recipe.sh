@@ -5,7 +5,7 @@ if [[ $QUICK == 1 ]]; then  # the pipeline end to end in a few minutes (the test
   SIZE=small; : "${VISION_STEPS:=4}" "${PRETRAIN_STEPS:=4}" "${SFT_STEPS:=4}" "${INTERLEAVE_STEPS:=3}"
   : "${DPO_STEPS:=3}" "${SAFETY_STEPS:=3}" "${EVAL_LIMIT:=4}" "${BATCH:=4}" "${PROBE_STEPS:=4}"
 else
-  SIZE=medium; : "${VISION_STEPS:=800}" "${PRETRAIN_STEPS:=1400}" "${SFT_STEPS:=2200}" "${INTERLEAVE_STEPS:=600}"
+  SIZE=medium; : "${VISION_STEPS:=1000}" "${PRETRAIN_STEPS:=1400}" "${SFT_STEPS:=2200}" "${INTERLEAVE_STEPS:=500}"
   : "${DPO_STEPS:=150}" "${SAFETY_STEPS:=400}" "${EVAL_LIMIT:=0}" "${BATCH:=8}" "${PROBE_STEPS:=200}"
 fi
 # SFT at a third of pretraining's rate: at 1e-3 it undid what pretraining taught (captions 95% -> 58%)

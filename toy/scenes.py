@@ -56,9 +56,6 @@ VQA = ("colour", "count", "position", "existence")
 NAMES_OF = ("dax", "wug", "fep", "blick", "toma", "zorb", "kiki", "mip", "rilo", "gazz", "vop", "tulo")  # made-up
 NAME_QUESTION = "What is this called?"  # answered by a document's own colour -> made-up-name table
 CAPTION_PROMPTS = ("Describe the image.", "Describe the image in detail.", "What is in the picture?")
-# what the preference pairs are about: absent shapes asked about (what the pope split measures), present ones
-# (so that "No" is not preferred for being "No"), captions (an extra shape is the hallucination), other questions
-PREFERENCES = {"absent": 0.4, "present": 0.2, "caption": 0.2, "vqa": 0.2}
 
 # -----------------------------------------------------------------------------
 # scenes: what is in a picture, and the picture itself
@@ -337,7 +334,7 @@ class Sampler:
         c, sh = self.pick(absent)
         return f"Is there a {c} {sh}?", "No"
 
-    def questions(self, s, first, more, kinds=VQA + ("existence", "colour", "grounding")):
+    def questions(self, s, first, more, kinds=VQA + ("existence", "grounding")):
         """[(question, answer)]: `first`, then `more` other questions about scene s, no question twice."""
         out = [self.ask(s, first)]
         for _ in range(8 * more):  # a few draws to find `more` new ones (a one-shape scene has few)
@@ -390,14 +387,10 @@ class Sampler:
         says what a picture is called, so only its earlier pictures and answers can."""
         return dict(zip(COLOURS, (NAMES_OF[k] for k in self.rng.permutation(len(NAMES_OF))[:len(COLOURS)].tolist())))
 
-    def named(self, table, colours=COLOURS):
-        """(scene with one big shape in the centre, question, its name under `table`: by its colour, one of
-        `colours`). The same place and size: a picture differs from another by what the name depends on."""
-        w = self.pick(SMALL_CANVASES)[0]
-        s = Scene(w, w, tuple(int(200 + 2 * v + self.parity) for v in self.rng.integers(0, 26, 3)))
-        colour = self.pick(list(colours))
-        s.objects.append(Shape(self.pick(SHAPES), colour, "big", "center", self.cell_box(4, SIZES["big"])))
-        return s, NAME_QUESTION, table[colour]
+    def named(self, table):
+        """(scene with one shape, question, its name under `table`: by its colour)."""
+        s = self.scene(n=1)
+        return s, NAME_QUESTION, table[s.objects[0].colour]
 
     def multi(self, task):
         """(scenes, first human turn with its <image> markers, answer) for a multi-image task."""
@@ -448,7 +441,7 @@ def preference(s, scene):
     """(prompt, faithful, terse, hallucinated, hallucinated), aimed where hallucination is measured: absent
     shapes asked about (adversarially, as the `pope` test split asks), captions, and other questions. Present
     shapes are asked too, so that "No" is preferred for being true, not for being "No"."""
-    kind = s.weighted(PREFERENCES)
+    kind = s.weighted({"absent": 0.4, "present": 0.15, "caption": 0.3, "vqa": 0.15})
     if kind == "caption":
         o = scene.objects[0]
         return ("Describe the image.", describe(scene), f"{phrase(o).capitalize()} {where(o.position)}.",

@@ -66,8 +66,8 @@ COUNTS = {  # records per file; medium writes in about a minute on 2 cores
 # test records per split, in units of COUNTS' "test": every figure stands on >= 150 items at medium size
 # (vqa: 150 per kind of question; safety and pope: 150 that should be refused / are absent, 150 not)
 TEST_SHARE = {"vqa": 4, "safety": 2, "pope": 2, "multi_image": 4 / 3}
-SFT_TASKS = {"colour": .12, "count": .1, "position": .14, "existence": .16, "reading": .14, "grounding": .16,
-             "caption": .08, "text": .1}  # an image record asks its task first, then 2-4 other questions
+SFT_TASKS = {"colour": .1, "count": .1, "position": .13, "existence": .13, "reading": .12, "grounding": .14,
+             "caption": .1, "text": .18}  # an image record asks its task first, then 2-4 other questions
 MULTI = ("more", "total", "both", "which")  # multi-image tasks
 BINDING_SHARE = 0.4  # interleaved documents whose pictures are named by the document's own table
 
@@ -163,14 +163,13 @@ def caption_sample(out, s, i):
 
 
 def document(s):
-    """Image-text chunks with one task per document (the same question template), as few-shot prompts are.
-    BINDING_SHARE of the documents name their pictures by a table of their own (colour -> made-up word): the
-    later answers follow from the earlier ones only, which is what in-context learning is."""
+    """Image-text chunks with one task per document (the same question template), as few-shot prompts are. A
+    third of the documents name their pictures by a table of their own (colour -> made-up word): the later
+    answers follow from the earlier ones only, which is what in-context learning is."""
     if s.chance(BINDING_SHARE):
         table, texts, scenes = s.naming(), [], []
-        colours = [c for c in COLOURS if s.chance(0.75)] or list(COLOURS)  # fewer colours: more repeats to copy
         for _ in range(s.int(4, 9)):  # up to 9 pictures, as the 8-shot prompt holds (8 solved + the query)
-            scene, q, a = s.named(table, colours)
+            scene, q, a = s.named(table)
             texts += [None, f"Q: {q} A: {a}"]
             scenes += [scene, None]
         return texts, scenes
@@ -223,7 +222,7 @@ def write_sft(out, s, n):
         scene = s.task_scene(task)
         # several questions per image: each answer is a lesson, and the image is paid for once
         pairs = [s.ask(scene, task)] if task == "caption" or not scene.objects else \
-            s.questions(scene, task, s.int(2, 4))  # more would dilute each answer in the mean loss
+            s.questions(scene, task, s.int(2, 4))
         path = out.image(f"images/sft/{i:06d}.png", scene)
         records.append({"id": rid, "image": path, "conversations": chat(pairs, system=system)})
     out.json("sft/llava_sft.json", records)
