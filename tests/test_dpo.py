@@ -119,24 +119,31 @@ class FixedPolicy(torch.nn.Module):
         return -self.logps  # logps() negates the summed loss
 
 
-def test_step_rewards_margin_accuracy_and_gradients_by_hand():
-    """Two pairs. policy (chosen, chosen, rejected, rejected) = (-10, -20, -12, -15), reference = (-11, -20,
-    -11, -16): log-ratios (1, 0 | -1, 1), h = (2, -1). With beta 0.5: losses log(1 + e^-1) = 0.3132617 and
-    log(1 + e^0.5) = 0.9740770, mean 0.6436693; rewards 0.5 * ratio: chosen mean 0.25, rejected 0; accuracy
-    0.5; d loss / d chosen log-prob = -beta sigmoid(-beta h) / 2 = (-0.0672353, -0.1556148), the rejected
-    ones the opposite; one SGD step at lr 1 without clipping moves the log-probs by minus the gradient."""
+def hand_step(rpo_alpha):
+    """dpo_step on two pairs: policy (chosen, chosen, rejected, rejected) = (-10, -20, -12, -15), reference
+    (-11, -20, -11, -16), beta 0.5, 3 supervised tokens per row; one SGD step at lr 1 without clipping.
+    Returns the step's record and how far each log-prob moved."""
     policy = FixedPolicy([-10.0, -20.0, -12.0, -15.0])
-    args = SimpleNamespace(beta=0.5, loss="sigmoid", label_smoothing=0.0, clip=0.0, rpo_alpha=0.0)
+    args = SimpleNamespace(beta=0.5, loss="sigmoid", label_smoothing=0.0, clip=0.0, rpo_alpha=rpo_alpha)
     run = SimpleNamespace(wrapped=policy, m=policy, world=1, device=torch.device("cpu"), args=args,
                           params=[policy.logps], opt=torch.optim.SGD([policy.logps], lr=1.0))
     b = {"input_ids": torch.ones(4, 3, dtype=torch.long), "attention_mask": None, "images": None,
          "labels": torch.ones(4, 3, dtype=torch.long), "keys": [(0, 0), (0, 1)]}
     table = {0: torch.tensor([[-11.0, -11.0], [-20.0, -16.0]], dtype=torch.float64)}  # (chosen, rejected) per pair
     rec = dpo.dpo_step(run, [b], table)
+    return rec, policy.logps.detach() - torch.tensor([-10.0, -20.0, -12.0, -15.0], dtype=torch.float64)
+
+
+def test_step_rewards_margin_accuracy_and_gradients_by_hand():
+    """Two pairs. policy (chosen, chosen, rejected, rejected) = (-10, -20, -12, -15), reference = (-11, -20,
+    -11, -16): log-ratios (1, 0 | -1, 1), h = (2, -1). With beta 0.5: losses log(1 + e^-1) = 0.3132617 and
+    log(1 + e^0.5) = 0.9740770, mean 0.6436693; rewards 0.5 * ratio: chosen mean 0.25, rejected 0; accuracy
+    0.5; d loss / d chosen log-prob = -beta sigmoid(-beta h) / 2 = (-0.0672353, -0.1556148), the rejected
+    ones the opposite; one SGD step at lr 1 without clipping moves the log-probs by minus the gradient."""
+    rec, step = hand_step(rpo_alpha=0.0)
     assert abs(rec["loss"] - 0.6436693) <= 1e-6 and rec["pairs"] == 2 and rec["accuracy"] == 0.5
     assert abs(rec["reward_chosen"] - 0.25) <= 1e-12 and abs(rec["reward_rejected"]) <= 1e-12
     assert abs(rec["margin"] - 0.25) <= 1e-12
-    step = policy.logps.detach() - torch.tensor([-10.0, -20.0, -12.0, -15.0], dtype=torch.float64)
     grad = torch.tensor([0.0672353, 0.1556148], dtype=torch.float64)
     assert torch.allclose(step, torch.cat((grad, -grad)), atol=1e-6), step
 
@@ -145,16 +152,8 @@ def test_rpo_term_by_hand():
     """The same two pairs with --rpo-alpha 0.5: each row has 3 supervised tokens, so the chosen answers' NLL
     per token is (10/3, 20/3), mean 5, and the loss grows by 0.5 * 5; the chosen log-probs get an extra
     gradient of -0.5 / 3 / 2 (mean over 2 pairs) each, the rejected ones none."""
-    policy = FixedPolicy([-10.0, -20.0, -12.0, -15.0])
-    args = SimpleNamespace(beta=0.5, loss="sigmoid", label_smoothing=0.0, clip=0.0, rpo_alpha=0.5)
-    run = SimpleNamespace(wrapped=policy, m=policy, world=1, device=torch.device("cpu"), args=args,
-                          params=[policy.logps], opt=torch.optim.SGD([policy.logps], lr=1.0))
-    b = {"input_ids": torch.ones(4, 3, dtype=torch.long), "attention_mask": None, "images": None,
-         "labels": torch.ones(4, 3, dtype=torch.long), "keys": [(0, 0), (0, 1)]}
-    table = {0: torch.tensor([[-11.0, -11.0], [-20.0, -16.0]], dtype=torch.float64)}
-    rec = dpo.dpo_step(run, [b], table)
+    rec, step = hand_step(rpo_alpha=0.5)
     assert abs(rec["loss"] - (0.6436693 + 2.5)) <= 1e-6 and abs(rec["nll_chosen"] - 5.0) <= 1e-9
-    step = policy.logps.detach() - torch.tensor([-10.0, -20.0, -12.0, -15.0], dtype=torch.float64)
     grad = torch.tensor([0.0672353, 0.1556148], dtype=torch.float64)
     assert torch.allclose(step, torch.cat((grad + 0.5 / 6, -grad)), atol=1e-6), step
 
