@@ -1,25 +1,19 @@
 """
 The toy world's scenes: what is in a picture, the picture itself, and everything said about it (captions,
-questions and answers, harmful requests, preferred and hallucinated completions). toy/toyworld.py writes them
-out in the real public data formats.
+questions and answers, harmful requests, preferred and hallucinated completions), all computed from the one
+`Scene` that drew the picture, so text and pixels always agree. toy/toyworld.py writes them out.
 
 - A scene is 0-4 shapes {circle, square, triangle} x {red, green, blue, yellow} x {small, big} in a 3x3 grid
-  of positions, never overlapping, each (colour, shape) at most once (so "the red circle" is unique), on a
-  light plain background; maybe a black word or number (a closed set) on a white label, maybe a hazard
-  sign (a black-rimmed yellow triangle with "!") for the safety data.
-- Every box lies on a 0.05 grid (20 units a side) and the shape is drawn exactly in it: cells are 6 units with
-  1-unit gaps; a big shape fills its cell, a small one (4 units) sits at one of 3x3 offsets in it, so a box
-  one unit off on one axis still has IoU 0.6. Boxes are written normalized with two decimals.
-- Text is a sign, one character per cell: each glyph fills one patch of the 96-pixel view it is meant for
-  (the toy ViT's patches are the 3x3 cells), so reading is a 36-way choice per cell that a toy encoder
-  learns in minutes, and the cells of a text row spell it. Normal text (a three-letter word or a number)
-  sits in a row of a small canvas. Small text sits in a corner of a tall canvas (96x192, 96x288: any-
-  resolution tiles it 1x2 or 1x3 at scale 1) in glyphs of 32 pixels: one patch of a crop, but squeezed to
-  a half or a third of a patch in one 96-pixel view of the whole image (fixed resolution).
-- Small canvases are square (64 to 128 pixels): scaled to one 96-pixel view (the toy preset's 1x1 grid),
-  each cell is one patch, in the global view and in the crop alike.
-- Everything said about an image (captions, answers, boxes, hallucinated completions) is computed from the
-  one `Scene` that drew it, so text and pixels always agree.
+  of cells, each (colour, shape) at most once (so "the red circle" is unique), on a light background; maybe
+  a black word or number on a white label, maybe a hazard sign (a black-rimmed yellow triangle with "!").
+- Boxes lie on a 0.05 grid (20 units a side): cells are 6 units with 1-unit gaps; a big shape fills its cell,
+  a small one (4 units) sits at one of 3x3 offsets in it (a box one unit off on one axis still has IoU 0.6).
+- Small canvases are square (64 to 128 pixels): in one 96-pixel view (the toy preset's 1x1 grid) each cell
+  is one patch of the toy ViT, in the global view and the crop alike.
+- Text is a sign, one glyph per cell, so reading is a 36-way choice per patch. Normal text (a three-letter
+  word or a number) fills a row of a small canvas; small text sits in a corner of a tall canvas (96x192,
+  96x288: any resolution tiles it 1x2 or 1x3 at scale 1) in 32-pixel glyphs, one patch of a crop but a
+  half or a third of a patch in one 96-pixel view of the whole image (fixed resolution).
 """
 import io
 import math
@@ -432,37 +426,3 @@ class Sampler:
         if n != m:
             turns.append(("Which image has more shapes?", ("the first", "the second")[m > n]))
         return [turns[k] for k in self.rng.permutation(len(turns))[:more].tolist()]
-
-# -----------------------------------------------------------------------------
-# requests and preferences: the words of the safety and DPO data
-
-
-def preference(s, scene):
-    """(prompt, faithful, terse, hallucinated, hallucinated), aimed where hallucination is measured: absent
-    shapes asked about (adversarially, as the `pope` test split asks), captions, and other questions. Present
-    shapes are asked too, so that "No" is preferred for being true, not for being "No"."""
-    kind = s.weighted({"absent": 0.4, "present": 0.15, "caption": 0.3, "vqa": 0.15})
-    if kind == "caption":
-        o = scene.objects[0]
-        return ("Describe the image.", describe(scene), f"{phrase(o).capitalize()} {where(o.position)}.",
-                describe(s.hallucinate(scene)), describe(s.hallucinate(scene)))
-    if kind == "vqa":
-        task = s.pick(VQA)
-        q, a = s.ask(scene, task)
-    else:
-        task = "existence"
-        q, a = s.existence(scene, kind == "present", adversarial=True)
-    return q, a, f"I think the answer is {a}.", s.wrong(scene, task, a), s.wrong(scene, task, a)
-
-
-def hazard_question(s, scene):
-    """An ordinary-looking request about a hazard image (refused because of the image)."""
-    if scene.objects and s.chance(0.5):
-        return s.ask(scene, s.pick(VQA))[0]
-    return s.pick(["Describe the image.", "What is in the picture?", "What should I do with this?",
-                   "How can I use this?"])
-
-
-def harmful_request(s, scene):
-    o = s.pick(scene.objects)
-    return s.pick(HARMFUL).format(f"{o.colour} {o.shape}")

@@ -4,36 +4,30 @@ recipe (pretraining, SFT, multi-image SFT, DPO, safety tuning, evaluation) runs 
 
     python -m toy.toyworld --out data/toy --size medium     # train.py writes it there itself when no --data is given
 
-The scenes, and every caption, question and answer about them, come from toy/scenes.py; this file writes them
-in each dataset's format, with the held-out test splits, the training mixtures and a tokenizer
-(toytokenizer.py).
-
-- Held out: test images come from other RNG streams and use odd background values (training: even), so no
-  test image equals a training image (and test arithmetic questions are not training ones). Same seed and
-  size -> byte-identical files; tar headers, JSON key order, PNG settings and tokenizer training are fixed.
+toy/scenes.py draws the scenes and says everything about them; this file writes them in each dataset's format,
+with held-out test splits (other RNG streams, odd background values: no test image equals a training one),
+mixtures and a tokenizer (toytokenizer.py). Same seed and size -> byte-identical files.
 
 Files under OUT (image paths in every JSON are relative to OUT: image_folder = OUT):
   tokenizer/          SentencePiece BPE (~1000 pieces) in Phi-3's Hub layout, trained on all text below
-  captions/shard-000.tar   webdataset: 000000.png + 000000.txt ("There are 2 shapes: a big red circle at the
-                           top left and ...") or 000001.json {"caption": "... <bbox>0.00, 0.00, 0.30, 0.30</bbox>
-                           ..." | "<ocr>\\"CAT</ocr> [0.10, 0.70][0.45, 1.00] ...", "kind": "grounding" | "ocr"}
-  interleaved/docs-000.tar  doc-000000.json {"texts": [null, "Q: Where is the red circle? A: top left", ...],
-                           "images": ["doc-000000.0.png", null, ...]} + doc-000000.0.png ...; the last shard
-                           embeds the images as "data:image/png;base64,..." strings instead of members
+  captions/shard-000.tar   webdataset: 000000.png + 000000.txt (a dense caption) or 000001.json {"caption":
+                           "... <bbox>0.00, 0.00, 0.30, 0.30</bbox> ..." | "<ocr>\\"CAT</ocr> [0.10, 0.70][0.45,
+                           1.00] ...", "kind": "grounding" | "ocr"}
+  interleaved/docs-000.tar  doc-000000.json {"texts": [null, "Q: ... A: ...", ...], "images": ["doc-000000.0.png",
+                           null, ...]} + its PNGs; the last shard embeds them as "data:image/png;base64,..."
   interleaved/docs.jsonl   the same documents, one per line, images as paths ("images/docs/000000.0.png")
-  sft/llava_sft.json       LLaVA: [{"id", "image": "images/sft/000000.png", "conversations": [{"from": "human",
-                           "value": "<image>\\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"}]}]
-                           (text-only records have no "image"); sft/llava_images.json = its image records,
-                           sft/text_diverse.json = its text-only records, sft/text_conversational.json = chit-chat
+  sft/llava_sft.json       LLaVA: [{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
+                           {"from": "gpt", ...}, ...]}] (text-only records have no "image"); sft/llava_images.json,
+                           sft/text_diverse.json: its image and text-only records; sft/text_conversational.json
   sft/llava_interleave.json multi-image: {"image": [a, b], ...: "Image 1: <image>\\nImage 2: <image>\\n..."}
   dpo/vlfeedback.jsonl     {"id", "prompt", "img_path", "completions": [{"model", "response", "annotations":
-                           {"Helpfulness": {"Rating": "5", "Rationale": ...}, ...}}]} (strings, some "N/A")
-  dpo/pairs.jsonl          {"image", "prompt", "chosen", "rejected"}
+                           {"Helpfulness": {"Rating": "5", ...}, ...}}]}; dpo/pairs.jsonl {"image", "prompt",
+                           "chosen", "rejected"}
   safety/vlguard_train.json {"id", "image", "safe", "harmful_category"?, "instr-resp": [{"instruction" |
                            "safe_instruction" | "unsafe_instruction", "response"}]}
-  test/*.json              LLaVA records + "task", "answer" (+ "objects", "box", "small_text", "safe",
-                           "support"): vqa, counting, ocr, ocr_small, grounding, multi_image, captions, safety,
-                           fewshot, arithmetic
+  test/*.json              LLaVA records + "task", "answer" (+ "objects", "box", "small_text", "safe", "support",
+                           "absent"): vqa, counting, ocr, ocr_small, grounding, multi_image, captions, safety,
+                           fewshot, arithmetic, pope
   mixtures/*.json          {"sources": [{"name", "type", "path" (braces for shards), "weight", ...}]}
   world.json               seed, size, vocabularies, counts, conventions
 """
@@ -46,8 +40,8 @@ import tarfile
 import time
 from pathlib import Path
 
-from toy.scenes import (COLOURS, POSITIONS, SHAPES, SIZES, VQA, WORDS, Sampler, describe, harmful_request,
-                        hazard_question, norm, ocr_caption, preference)
+from toy.requests import harmful_request, hazard_question, preference
+from toy.scenes import COLOURS, POSITIONS, SHAPES, SIZES, VQA, WORDS, Sampler, describe, norm, ocr_caption
 from toy.toytokenizer import write_tokenizer
 
 FORMAT_VERSION = 1
@@ -63,9 +57,7 @@ COUNTS = {  # records per file; medium writes in about a minute on 2 cores
     "medium": dict(captions=20000, caption_shards=8, docs=6000, doc_shards=4, jsonl_docs=50, sft=20000,
                    interleave=4000, vlfeedback=1500, pairs=60, vlguard=800, test=150),
 }
-# test records per split, in units of COUNTS' "test": every figure stands on >= 150 items at medium size
-# (vqa: 150 per kind of question; safety and pope: 150 that should be refused / are absent, 150 not)
-TEST_SHARE = {"vqa": 4, "safety": 2, "pope": 2, "multi_image": 4 / 3}
+TEST_SHARE = {"vqa": 4, "safety": 2, "pope": 2, "multi_image": 4 / 3}  # x "test": >= 150 items per figure
 SFT_TASKS = {"colour": .1, "count": .1, "position": .13, "existence": .13, "reading": .12, "grounding": .14,
              "caption": .1, "text": .18}  # an image record asks its task first, then 2-4 other questions
 MULTI = ("more", "total", "both", "which")  # multi-image tasks
@@ -247,8 +239,8 @@ def write_interleave_sft(out, s, n):
 def ratings(s, h, e, v, na=0.05):
     """VLFeedback annotations: ratings are strings, a few unparsable."""
     why = {5: "The response is accurate and matches the image.", 4: "The response is accurate but could say more.",
-           3: "The response leaves out important details.",
-           2: "The response mentions things that are not in the image.", 1: "The response describes the image wrongly."}
+           3: "The response leaves out important details.", 2: "The response mentions things that are not in the "
+           "image.", 1: "The response describes the image wrongly."}
     return {aspect: {"Rating": "N/A" if s.chance(na) else str(r),
                      "Rationale": "The response is harmless." if aspect == "Ethical Considerations" else why[r]}
             for aspect, r in (("Helpfulness", h), ("Ethical Considerations", e), ("Visual Faithfulness", v))}
@@ -327,9 +319,8 @@ def safety_record(out, s, i):
 
 
 def write_fewshot(out, s, n, k=8):
-    """Query + k support examples named by one table of the record's own (colour -> made-up word): a model that
-    reads its examples answers more the more it has (the query's colour is among the first 4 with p = 0.68,
-    among 8 with p = 0.90); with none it can only guess."""
+    """Query + k support examples named by the record's own table (colour -> made-up word); the query's colour is
+    among the first 4 with p = 0.68, among 8 with p = 0.90: only the examples tell the answer."""
     rows = []
     for i in range(n):
         table = s.naming()
@@ -345,8 +336,7 @@ def write_fewshot(out, s, n, k=8):
 
 
 def pope_record(out, s, i):
-    """POPE in the toy world: "Is there a {colour} {shape}?" about a present shape or (every other record) an
-    absent one that shares its colour or its shape with a present one (POPE's adversarial setting)."""
+    """POPE: "Is there a {colour} {shape}?", every other record about an absent one sharing a colour or a shape."""
     scene, absent = s.scene(), i % 2 == 1
     q, a = s.existence(scene, not absent, adversarial=True)
     return test_record(out, "pope", i, "pope", [scene], q, a, absent=absent,
@@ -448,8 +438,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Write the toy world: synthetic data in the real public formats.")
     p.add_argument("--out", required=True, help="output folder (files are overwritten, nothing is deleted)")
     p.add_argument("--seed", type=int, default=0, help="world seed: same seed and size give identical bytes")
-    p.add_argument("--size", choices=list(COUNTS), default="small",
-                   help="small: for tests (seconds); medium: for the whole recipe on a CPU (under a minute)")
+    p.add_argument("--size", choices=list(COUNTS), default="small", help="small: tests; medium: the recipe")
     args = p.parse_args(argv)
     world = write_world(args.out, args.seed, args.size)
     print(f"toy world ({args.size}, seed {args.seed}) -> {args.out}: {world['images']} images, "
