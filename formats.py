@@ -269,11 +269,12 @@ def rating_means(completion):
 
 class Preferences(Source):
     """VLFeedback rows (best vs worst mean rating; ties, unparsable or NaN ratings, a best below `min_score` and a
-    margin below `min_margin` skipped and counted in `self.counts`) or already-paired JSONL {"image", "prompt", "chosen", "rejected"}.
+    lead below `min_margin` skipped and counted in `self.counts`) or already-paired JSONL {"image", "prompt",
+    "chosen", "rejected"}.
     A row of the wrong shape stays an item and is a BadSample when read, so training counts it."""
 
-    def __init__(self, name, path, base, image_folder=None, limit=None, min_score=None, allow_outside=False,
-                 min_margin=None):
+    def __init__(self, name, path, base, image_folder=None, limit=None, min_score=None, min_margin=None,
+                 allow_outside=False):
         self.path, self.folder = base / path, Path(image_folder) if image_folder else (base / path).parent
         self.allow_outside = allow_outside
         self.counts, items = Counter(), []
@@ -291,7 +292,7 @@ class Preferences(Source):
         self.counts["pairs"] = sum(not isinstance(p, BadSample) for p in items)
         super().__init__(name, items[:limit] if limit else items)
 
-    def pair(self, row, n, min_score, min_margin=None):
+    def pair(self, row, n, min_score, min_margin):
         if not isinstance(row, dict):
             raise BadSample(f"{self.path}[{n}]", f"a preference row must be a JSON object, not {short(row)}",
                             "bad record")
@@ -413,8 +414,8 @@ def open_source(spec, base, eos):
     if kind in ("llava", "vlguard"):
         return (Llava if kind == "llava" else VLGuard)(name, path, base, folder, spec.get("limit"), outside)
     if kind in ("vlfeedback", "pairs"):
-        return Preferences(name, path, base, folder, spec.get("limit"), spec.get("min_score"), outside,
-                           spec.get("min_margin"))
+        return Preferences(name, path, base, folder, spec.get("limit"), spec.get("min_score"),
+                           spec.get("min_margin"), outside)
     raise DataError(f"source {name!r}: unknown type {kind!r}; use captions, interleaved, llava, vlguard, "
                     "vlfeedback or pairs")
 

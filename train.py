@@ -205,8 +205,8 @@ class Run:
         """The batches of this rank from the run's data position on, built by DataLoader workers (in pinned
         memory on CUDA, so the copies to the GPU do not wait)."""
         args, tok = self.args, self.m.tokenizer
-        encoder = data.Encoder(tok, self.m.config, args.max_len, args.system)
-        mixture = data.Mixture(self.sources, encoder, args.batch_size, tok.pad_id, seed=args.seed, rank=self.rank, world=self.world,
+        mixture = data.Mixture(self.sources, data.Encoder(tok, self.m.config, args.max_len, args.system),
+                               args.batch_size, tok.pad_id, seed=args.seed, rank=self.rank, world=self.world,
                                start_batch=self.trainer["step"] * args.grad_accum, group=args.length_groups)
         return iter(data.loader(mixture, num_workers=args.workers, pin_memory=self.device.type == "cuda"))
 
