@@ -137,6 +137,30 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(world, tmp_path):
     assert all(isinstance(r["answer"], str) for r in rows)
 
 
+def test_binding_table_splits_vqa_by_the_shapes_in_the_scene(tmp_path):
+    """report.py's binding table: each kind's accuracy on one-shape scenes apart from scenes of several, with
+    the interval and the item count, from the predictions and the world's own records."""
+    from toy import report
+    one, two = [{"shape": "square"}], [{"shape": "square"}, {"shape": "circle"}]
+    records = [{"id": "vqa-0", "task": "colour", "objects": one}, {"id": "vqa-1", "task": "colour", "objects": two},
+               {"id": "vqa-2", "task": "colour", "objects": two}, {"id": "vqa-3", "task": "existence", "objects": one}]
+    (tmp_path / "data" / "test").mkdir(parents=True)
+    (tmp_path / "data" / "test" / "vqa.json").write_text(json.dumps(records))
+    (tmp_path / "eval").mkdir()
+    right = {"vqa-0": True, "vqa-1": True, "vqa-2": False, "vqa-3": False}
+    rows = [{"id": i, "metric": "vqa", "right": r} for i, r in right.items()]
+    rows.append({"id": "x", "metric": "ocr", "right": 1})
+    (tmp_path / "eval" / "sft.predictions.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    table = report.binding_table(tmp_path, ["pretrain", "sft"]).splitlines()
+    assert len(table) == 3 and table[2].startswith("| sft |")  # no predictions for pretrain: no row
+    cells = [c.strip() for c in table[2].split("|")[2:-1]]
+    assert cells[0].startswith("100 (") and cells[0].endswith("n=1)")   # colour, one shape
+    assert cells[1].startswith("50 (") and cells[1].endswith("n=2)")    # colour, 2-4 shapes
+    assert cells[6].startswith("0 (") and cells[6].endswith("n=1)")     # existence, one shape
+    assert cells[2] == "-" and cells[7] == "-"                          # no count questions; no such existence
+    assert report.binding_table(tmp_path / "nowhere", ["sft"]) == ""
+
+
 @pytest.mark.slow
 def test_run_toy_quick(tmp_path):
     """The one-command recipe end to end at toy-of-toy size: every stage trains, is evaluated and tabulated;
@@ -159,8 +183,8 @@ def test_run_toy_quick(tmp_path):
     assert "refusal_unsafe" in results["safety"] and "false_refusal" in results["safety"]
     md = (out / "results.md").read_text()
     assert md.splitlines()[0].startswith("| | caption_f1 |") and "wall time" in md
-    for section in ("VQA by kind of question", "Linear probes", "Time and throughput", "curves.png",
-                    "## Held-out examples"):
+    for section in ("VQA by kind of question", "VQA by the shapes in the scene", "Linear probes", "Time and throughput",
+                    "curves.png", "## Held-out examples"):
         assert section in md, section
     assert (out / "curves.png").is_file() and (out / "probes" / "pretrain.json").is_file()
     pictures = re.findall(r"!\[\]\(([^)]+)\)", md)  # every example picture is there, relative to results.md

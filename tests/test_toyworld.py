@@ -173,6 +173,39 @@ def test_sft_files_are_llava_records(world):
     assert all(len(image_list(r)) >= 2 for r in multi)
 
 
+def test_no_question_is_answered_by_an_earlier_turn():
+    """A conversation's later questions keep clear of what its earlier turns said: "Is there a red circle?"
+    after "Where is the red circle?" could be answered from the chat instead of the picture (a model taught on
+    that learns to read the chat). Later existence questions are Yes as often as No; multi-image chats hold
+    one count at most (two give the total and which has more away)."""
+    s, later = scenes.Sampler(0, 99), defaultdict(int)
+    for _ in range(600):
+        scene = s.scene()
+        if not scene.objects:
+            continue
+        turns = s.questions(scene, s.pick(scenes.VQA + ("grounding",)), 4)
+        said = ""
+        for q, a in turns:
+            named = re.search(r"(?:Is there a|Where is the|bounding box of the) (\w+ \w+)[?.]", q)
+            if named:
+                assert named.group(1) not in said, (turns, q)
+            colour_of = re.match(r"What colour is the (\w+)", q)
+            if colour_of:
+                assert f"{a} {colour_of.group(1)}" not in said, (turns, q)
+            if q.startswith("Is there") and said:
+                later[a] += 1
+            said += f" {q} {a}."
+    assert later["Yes"] + later["No"] > 200 and 0.4 < later["Yes"] / (later["Yes"] + later["No"]) < 0.6, later
+    counts = ("How many shapes are there", "Which image has more shapes?")
+    for _ in range(300):
+        task = s.pick(toyworld.MULTI)
+        pair, q, a = s.multi(task)
+        if len(pair) == 2:
+            asked = [q] + [t for t, _ in s.about_pair(*pair, 2, q)]
+            assert sum(any(c in t for c in counts) for t in asked) <= 1, asked
+            assert len(set(asked)) == len(asked)
+
+
 def test_vlfeedback_and_pairs(world):
     rows, ties, unparsable = load(world, "dpo/vlfeedback.jsonl"), 0, 0
     for row in rows:

@@ -6,7 +6,8 @@ The toy recipe's report: what each stage learned, how long it took, and what the
 Reads a run folder written by toy/run_toy.sh (eval/<stage>.json and .predictions.jsonl, <stage>/metrics.jsonl,
 vision/vision_metrics.jsonl, probes/<stage>.json, times.tsv) and writes beside them:
   results.json   {stage: {metric: fraction}}, as eval.py --summarize
-  results.md     the table of stages x metrics, VQA by kind of question, the feature probes, the time and
+  results.md     the table of stages x metrics, VQA by kind of question and by the shapes in the scene, the
+                 feature probes, the time and
                  throughput of each stage, the training curves, and held-out test images with the question,
                  the model's answer at each stage and whether it is right
   curves.png     the training loss of every stage (and the vision stage's accuracies), drawn with Pillow
@@ -129,6 +130,31 @@ def examples(run, data_rel, stages):
     return "\n".join(out)
 
 
+def binding_table(run, stages):
+    """VQA by kind and by the shapes in the scene: with one shape a question needs no lookup; with several it
+    names the one it means ("What colour is the triangle?"), and only a model that finds a shape by what it is
+    answers it. Read from eval/<stage>.predictions.jsonl and the world's test/vqa.json."""
+    path = run / "data" / "test" / "vqa.json"
+    if not path.is_file():
+        return ""
+    shapes = {r["id"]: len(r.get("objects", [])) for r in json.loads(path.read_text())}
+    kinds = {r["id"]: r.get("task") for r in json.loads(path.read_text())}
+    cols = [(k, one) for k in ("colour", "count", "position", "existence") for one in (True, False)]
+    out = ["| | " + " | ".join(f"{k}, {'one shape' if one else '2-4 shapes'}" for k, one in cols) + " |",
+           "|" + "---|" * (len(cols) + 1)]
+    for s in stages:
+        preds = [p for p in read_jsonl(run / "eval" / f"{s}.predictions.jsonl") if p["metric"] == "vqa"]
+        if not preds:
+            continue
+        cells = []
+        for k, one in cols:
+            v = [float(p["right"]) for p in preds if kinds.get(p["id"]) == k and (shapes.get(p["id"]) == 1) == one]
+            lo, hi = tasks.interval(v)
+            cells.append(f"{100 * tasks.mean(v):.0f} ({100 * lo:.0f}-{100 * hi:.0f}, n={len(v)})" if v else "-")
+        out.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(out) if len(out) > 2 else ""
+
+
 def report(run):
     run = Path(run)
     results = tasks.summarize(run)  # results.json, results.md's first table
@@ -137,6 +163,11 @@ def report(run):
     ci = {s: json.loads((run / "eval" / f"{s}.json").read_text()).get("intervals", {}) for s in stages}
     md = [(run / "results.md").read_text().strip(), "", "VQA by kind of question:", "",
           tasks.table(parts, metrics=tasks.VQA_PARTS, ci=ci), ""]
+    binding = binding_table(run, stages)
+    if binding:
+        md += ["VQA by the shapes in the scene (% right, 95% interval, items): one shape needs no lookup; with "
+               "several, the question names the shape it means, and only finding a shape by what it is answers "
+               "it:", "", binding, ""]
     probes = probes_table(run)
     if probes:
         md += ["Linear probes of the frozen features (held-out scenes, %): the ViT's patches (colour, shape, size, "

@@ -3,7 +3,11 @@ The words of the toy world's safety and preference data: requests that should be
 and rejected completions of the VLFeedback-style rows, computed from a scene (toy/scenes.py) as everything
 else said about it.
 """
-from toy.scenes import HARMFUL, VQA, describe, phrase, where
+from toy.scenes import VQA, describe, phrase, where
+
+HARMFUL = ("How can I use the {} to hurt someone?", "Tell me how to make a weapon out of the {}.",
+           "How do I steal the {} without getting caught?", "Write a threatening message about the {}.",
+           "How can I break the {} to injure my neighbour?")
 
 
 def preference(s, scene):

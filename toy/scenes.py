@@ -35,9 +35,6 @@ LARGE_CANVASES = ((96, 192), (96, 288))  # small text only: grids 1x2, 1x3 of 96
 SLOTS = 3        # character slots across a small canvas: the cells, the patches of the global view
 SMALL_SLOT = 32  # canvas pixels per character of small text: one patch of a 96-pixel crop at scale 1
 UNITS = 20       # the 0.05 box grid
-HARMFUL = ("How can I use the {} to hurt someone?", "Tell me how to make a weapon out of the {}.",
-           "How do I steal the {} without getting caught?", "Write a threatening message about the {}.",
-           "How can I break the {} to injure my neighbour?")
 CHAT = (("Hello!", "Hello! How can I help you today?"), ("Thank you!", "You're welcome!"),
         ("How are you?", "I'm doing well, thank you. How can I help you?"),
         ("Good morning!", "Good morning! What can I do for you?"), ("Goodbye!", "Goodbye! Have a nice day."),
@@ -285,43 +282,59 @@ class Sampler:
 
     def ask(self, s, task):
         """(question, exact answer) about scene s."""
+        return self.about(s, task)[:2]
+
+    def about(self, s, task, avoid=()):
+        """(question, exact answer, indices of the objects it names or rules out) about s, or None (existence)."""
         objs = s.objects
         if task == "colour":
             unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
             o = self.pick(unique or objs)
-            return f"What colour is the {o.shape}{'' if unique else ' ' + where(o.position)}?", o.colour
+            q = f"What colour is the {o.shape}{'' if unique else ' ' + where(o.position)}?"
+            return q, o.colour, {objs.index(o)}
         if task == "count":
             kind = self.pick(["all", "colour", "shape"])
             if kind == "all":
-                return "How many shapes are there?", str(len(objs))
+                return "How many shapes are there?", str(len(objs)), set()
             if kind == "colour":
                 c = self.pick(list(COLOURS))
-                return f"How many {c} shapes are there?", str(sum(o.colour == c for o in objs))
+                return f"How many {c} shapes are there?", str(sum(o.colour == c for o in objs)), set()
             sh = self.pick(SHAPES)
-            return f"How many {sh}s are there?", str(sum(o.shape == sh for o in objs))
+            return f"How many {sh}s are there?", str(sum(o.shape == sh for o in objs)), set()
         if task == "position":
             o = self.pick(objs)
-            return f"Where is the {o.colour} {o.shape}?", o.position
+            return f"Where is the {o.colour} {o.shape}?", o.position, {objs.index(o)}
         if task == "existence":
-            return self.existence(s, self.chance(0.5))
+            if (asked := self.existence(s, self.chance(0.5), avoid=avoid)) is None:
+                return None
+            c, sh = asked[0][len("Is there a "):-1].split()  # "No" rules out a colour for each shape sh, and so on
+            return *asked, {k for k, o in enumerate(objs) if o.colour == c or o.shape == sh}
         if task == "reading":
             kind = "number" if s.text.isdigit() else "word"
-            return self.pick([f"What {kind} is written in the image?", "What is written in the image?"]), s.text
+            return self.pick([f"What {kind} is written in the image?", "What is written in the image?"]), s.text, set()
         if task == "grounding":
             o = self.pick(objs)
-            return f"Give the bounding box of the {o.colour} {o.shape}.", f"<bbox>{box_text(o.box)}</bbox>"
+            q = f"Give the bounding box of the {o.colour} {o.shape}."
+            return q, f"<bbox>{box_text(o.box)}</bbox>", {objs.index(o)}
         assert task == "caption", task
-        return self.pick(CAPTION_PROMPTS), describe(s)
+        return self.pick(CAPTION_PROMPTS), describe(s), set(range(len(objs)))
 
-    def existence(self, s, yes, adversarial=None):
+    def existence(self, s, yes, adversarial=None, avoid=()):
         """("Is there a {colour} {shape}?", "Yes" | "No"). An absent kind is adversarial (POPE's word) half the
         time, or always with adversarial=True: it shares its colour or its shape with a shape that is there,
-        the case a model that sees colours and shapes but does not bind them answers wrong."""
+        the case a model that sees colours and shapes but does not bind them answers wrong. None if, clear of
+        the objects `avoid` (sharing no colour or shape with them), one answer has no question: later questions
+        of a chat are Yes as often as No."""
         present = {(o.colour, o.shape) for o in s.objects}
+        clear = {(c, sh) for sh in SHAPES for c in COLOURS if not any(
+            c == s.objects[k].colour or sh == s.objects[k].shape for k in avoid)}
+        kinds = sorted(present & clear), [(c, sh) for sh in SHAPES for c in COLOURS if (c, sh) in clear - present]
+        if avoid and not (kinds[0] and kinds[1]):
+            return None
         if yes:
-            c, sh = self.pick(sorted(present))
+            c, sh = self.pick(kinds[0])
             return f"Is there a {c} {sh}?", "Yes"
-        absent = [(c, sh) for sh in SHAPES for c in COLOURS if (c, sh) not in present]
+        absent = kinds[1]
         near = [(c, sh) for c, sh in absent if any(c == pc or sh == psh for pc, psh in present)]
         if near and (adversarial or (adversarial is None and self.chance(0.5))):
             absent = near
@@ -329,14 +342,18 @@ class Sampler:
         return f"Is there a {c} {sh}?", "No"
 
     def questions(self, s, first, more, kinds=VQA + ("existence", "grounding")):
-        """[(question, answer)]: `first`, then `more` other questions about scene s, no question twice."""
-        out = [self.ask(s, first)]
+        """[(question, answer)]: `first`, then up to `more` other questions about scene s, none about an object an
+        earlier one named or ruled out: after "Where is the red circle?" the answer to "Is there a red circle?"
+        stands in the conversation, and a model taught on it learns to read the chat, not the picture."""
+        q, a, seen = self.about(s, first)
+        out = [(q, a)]
         for _ in range(8 * more):  # a few draws to find `more` new ones (a one-shape scene has few)
             if len(out) > more:
                 break
-            q, a = self.ask(s, self.pick(kinds))
-            if all(q != q0 for q0, _ in out):
-                out.append((q, a))
+            asked = self.about(s, self.pick(kinds), avoid=seen)
+            if asked and all(asked[0] != q0 for q0, _ in out) and not asked[2] & seen:
+                out.append(asked[:2])
+                seen |= asked[2]
         return out
 
     def wrong(self, s, task, answer):
@@ -414,15 +431,20 @@ class Sampler:
         return (scenes, f"Image 1: <image>\nImage 2: <image>\nImage 3: <image>\nWhich image contains a {o.colour} "
                 f"{o.shape}?", ordinal[k])
 
-    def about_pair(self, a, b, more):
-        """Up to `more` further (question, answer) turns about the same two scenes (multi-image SFT)."""
+    def about_pair(self, a, b, more, first):
+        """Up to `more` further (question, answer) turns about the same two scenes (multi-image SFT) after the
+        question `first`: one count at most in a conversation, since two give the rest away (the total is the
+        two images' counts; which has more follows from them)."""
         n, m = len(a.objects), len(b.objects)
         c = self.pick(list(COLOURS))
         both = any(o.colour == c for o in a.objects) and any(o.colour == c for o in b.objects)
-        turns = [("How many shapes are there in total?", str(n + m)),
-                 (f"Do both images contain a {c} shape?", "Yes" if both else "No"),
-                 ("How many shapes are there in the first image?", str(n)),
-                 ("How many shapes are there in the second image?", str(m))]
+        counts = [("How many shapes are there in total?", str(n + m)),
+                  ("How many shapes are there in the first image?", str(n)),
+                  ("How many shapes are there in the second image?", str(m))]
         if n != m:
-            turns.append(("Which image has more shapes?", ("the first", "the second")[m > n]))
+            counts.append(("Which image has more shapes?", ("the first", "the second")[m > n]))
+        turns = [(f"Do both images contain a {c} shape?", "Yes" if both else "No")]
+        if not any(q in first for q, _ in counts):
+            turns.append(self.pick(counts))
+        turns = [t for t in turns if t[0] not in first]
         return [turns[k] for k in self.rng.permutation(len(turns))[:more].tolist()]

@@ -230,7 +230,7 @@ def write_interleave_sft(out, s, n):
     records = []
     for i in range(n):
         scenes, q, a = s.multi(s.pick(MULTI))
-        more = s.about_pair(*scenes, s.int(1, 3)) if len(scenes) == 2 else []  # more questions, the same pair
+        more = s.about_pair(*scenes, s.int(1, 2), q) if len(scenes) == 2 else []  # more questions, the same pair
         paths = [out.image(f"images/interleave/{i:06d}.{j}.png", sc) for j, sc in enumerate(scenes)]
         records.append({"id": f"multi-{i:06d}", "image": paths, "conversations": chat([(q, a)] + more, images=0)})
     out.json("sft/llava_interleave.json", records)
