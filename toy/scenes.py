@@ -241,15 +241,13 @@ class Sampler:
         cells = sorted(free[k] for k in self.rng.permutation(len(free))[:n].tolist())
         kinds = self.rng.permutation(len(SHAPES) * len(COLOURS))[:n].tolist()  # (shape, colour) unique per scene
         for cell, k in zip(cells, kinds):
-            shape, colour = SHAPES[k // len(COLOURS)], list(COLOURS)[k % len(COLOURS)]
-            size = self.pick(list(SIZES))
+            shape, colour, size = SHAPES[k // len(COLOURS)], list(COLOURS)[k % len(COLOURS)], self.pick(list(SIZES))
             s.objects.append(Shape(shape, colour, size, POSITIONS[cell], self.cell_box(cell, SIZES[size])))
         return s
 
     def cell_box(self, cell, side):
         """A side x side unit box somewhere inside cell (row-major 0-8); cells are 6 units with 1-unit gaps."""
-        x = 7 * (cell % 3) + self.int(0, 6 - side)
-        y = 7 * (cell // 3) + self.int(0, 6 - side)
+        x, y = 7 * (cell % 3) + self.int(0, 6 - side), 7 * (cell // 3) + self.int(0, 6 - side)
         return (x, y, x + side, y + side)
 
     def row_label(self, s, free):
@@ -285,7 +283,7 @@ class Sampler:
         return self.about(s, task)[:2]
 
     def about(self, s, task, avoid=()):
-        """(question, exact answer, indices of the objects it names or rules out) about s, or None (existence)."""
+        """(question, exact answer, indices of the objects it names) about s, or None (existence)."""
         objs = s.objects
         if task == "colour":
             unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
@@ -307,8 +305,8 @@ class Sampler:
         if task == "existence":
             if (asked := self.existence(s, self.chance(0.5), avoid=avoid)) is None:
                 return None
-            c, sh = asked[0][len("Is there a "):-1].split()  # "No" rules out a colour for each shape sh, and so on
-            return *asked, {k for k, o in enumerate(objs) if o.colour == c or o.shape == sh}
+            c, sh = asked[0][len("Is there a "):-1].split()  # "Yes" names the shapes of that kind; "No" none
+            return *asked, {k for k, o in enumerate(objs) if (o.colour, o.shape) == (c, sh)}
         if task == "reading":
             kind = "number" if s.text.isdigit() else "word"
             return self.pick([f"What {kind} is written in the image?", "What is written in the image?"]), s.text, set()
@@ -343,18 +341,20 @@ class Sampler:
 
     def questions(self, s, first, more, kinds=VQA + ("existence", "grounding")):
         """[(question, answer)]: `first`, then up to `more` other questions about scene s, none about an object an
-        earlier one named or ruled out: after "Where is the red circle?" the answer to "Is there a red circle?"
-        stands in the conversation, and a model taught on it learns to read the chat, not the picture."""
+        earlier one named: after "Where is the red circle?" the answer to "Is there a red circle?" stands in the
+        chat, and a model taught on it learns to read the chat, not the picture. One count at most, and last
+        ("How many red shapes?" 0 would answer "Is there a red circle?"); the other kinds fill the chat."""
         q, a, seen = self.about(s, first)
-        out = [(q, a)]
+        out, last = ([], (q, a)) if first == "count" else ([(q, a)], None)
         for _ in range(8 * more):  # a few draws to find `more` new ones (a one-shape scene has few)
-            if len(out) > more:
+            if len(out) + (last is not None) > more:
                 break
-            asked = self.about(s, self.pick(kinds), avoid=seen)
-            if asked and all(asked[0] != q0 for q0, _ in out) and not asked[2] & seen:
+            if (task := self.pick(kinds)) == "count":
+                last = last or self.about(s, task)[:2]
+            elif (asked := self.about(s, task, avoid=seen)) and asked[0] not in dict(out) and not asked[2] & seen:
                 out.append(asked[:2])
                 seen |= asked[2]
-        return out
+        return out + ([last] if last else [])
 
     def wrong(self, s, task, answer):
         """A confident wrong answer (for rejected DPO completions)."""
