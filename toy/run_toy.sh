@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole xGen-MM recipe in miniature, on a CPU, in one command (~27 minutes on 2 cores):
+# The whole xGen-MM recipe in miniature, on a CPU, in one command (~28 minutes on 2 cores):
 #
 #   bash toy/run_toy.sh [OUT_DIR] [--quick]    # OUT_DIR defaults to out/toy; --quick: a small world, a few steps
 #
