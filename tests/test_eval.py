@@ -178,7 +178,8 @@ def test_run_toy_quick(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert list(results) == list(tasks.RECIPE)
     for stage, metrics in results.items():
-        assert {"vqa", "ocr_small", "grounding", "multi_image", "hallucination", "fewshot_8"} <= set(metrics), stage
+        assert {"vqa", "ocr_small", "grounding", "multi_image", "hallucination"} <= set(metrics), stage
+        assert ("fewshot_8" in metrics) == (stage == "pretrain"), stage  # few-shot: the base model's, as the paper
         assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert "refusal_unsafe" in results["safety"] and "false_refusal" in results["safety"]
     md = (out / "results.md").read_text()
