@@ -137,8 +137,8 @@ def binding_table(run, stages):
     path = run / "data" / "test" / "vqa.json"
     if not path.is_file():
         return ""
-    shapes = {r["id"]: len(r.get("objects", [])) for r in json.loads(path.read_text())}
-    kinds = {r["id"]: r.get("task") for r in json.loads(path.read_text())}
+    records = json.loads(path.read_text())
+    shapes, kinds = {r["id"]: len(r.get("objects", [])) for r in records}, {r["id"]: r.get("task") for r in records}
     cols = [(k, one) for k in ("colour", "count", "position", "existence") for one in (True, False)]
     out = ["| | " + " | ".join(f"{k}, {'one shape' if one else '2-4 shapes'}" for k, one in cols) + " |",
            "|" + "---|" * (len(cols) + 1)]

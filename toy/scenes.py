@@ -305,8 +305,7 @@ class Sampler:
         if task == "existence":
             if (asked := self.existence(s, self.chance(0.5), avoid=avoid)) is None:
                 return None
-            c, sh = asked[0][len("Is there a "):-1].split()  # "Yes" names the shapes of that kind; "No" none
-            return *asked, {k for k, o in enumerate(objs) if (o.colour, o.shape) == (c, sh)}
+            return *asked, {k for k, o in enumerate(objs) if asked[0] == f"Is there a {o.colour} {o.shape}?"}
         if task == "reading":
             kind = "number" if s.text.isdigit() else "word"
             return self.pick([f"What {kind} is written in the image?", "What is written in the image?"]), s.text, set()
@@ -326,13 +325,13 @@ class Sampler:
         present = {(o.colour, o.shape) for o in s.objects}
         clear = {(c, sh) for sh in SHAPES for c in COLOURS if not any(
             c == s.objects[k].colour or sh == s.objects[k].shape for k in avoid)}
-        kinds = sorted(present & clear), [(c, sh) for sh in SHAPES for c in COLOURS if (c, sh) in clear - present]
-        if avoid and not (kinds[0] and kinds[1]):
+        there = sorted(present & clear)
+        absent = [(c, sh) for sh in SHAPES for c in COLOURS if (c, sh) in clear - present]
+        if avoid and not (there and absent):
             return None
         if yes:
-            c, sh = self.pick(kinds[0])
+            c, sh = self.pick(there)
             return f"Is there a {c} {sh}?", "Yes"
-        absent = kinds[1]
         near = [(c, sh) for c, sh in absent if any(c == pc or sh == psh for pc, psh in present)]
         if near and (adversarial or (adversarial is None and self.chance(0.5))):
             absent = near
